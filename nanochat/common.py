@@ -176,3 +176,37 @@ class DummyWandb:
 
     def finish(self):
         pass
+
+
+# -----------------------------------------------------------------------------
+# Command line: every script accepts --key=value and --key value, dashes or underscores
+# (--model-type == --model_type), and ignores a leading "--" (torchrun's `-m scripts.x -- --flags` form).
+
+
+def normalize_argv(argv):
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--" and i == 0:
+            continue
+        if arg.startswith("--") and len(arg) > 2:
+            key, sep, value = arg[2:].partition("=")
+            arg = "--" + key.replace("-", "_") + sep + value
+        out.append(arg)
+    return out
+
+
+def parse_args(parser, argv=None):
+    """argparse with the conventions above; argv defaults to sys.argv[1:]."""
+    return parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+
+
+def str2bool(value):
+    """For flags like --qk_norm=False: argparse's bool('False') would be True."""
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")

@@ -1,0 +1,257 @@
+"""
+Checkpoints that know their model type.
+
+Layout: $NANOCHAT_BASE_DIR/{base,mid,chatsft,chatrl}_checkpoints/{model_tag}/ with, per step,
+  model_{step:06d}.safetensors         weights (safe to load from strangers)
+  optim_{step:06d}_rank{r}.pt          per-rank optimizer, dataloader and RNG state (for --resume)
+  meta_{step:06d}.json                 model_type, config, args, metrics, tokenizer hash, sha256 of the weights
+Every file is written atomically, and meta is written last: a step exists only once its meta file does,
+so a crash mid-save leaves the previous step as the latest complete one.
+"""
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from nanochat.common import atomic_write_bytes, get_base_dir, logger
+from nanochat.models import MODEL_TYPES, build_model, config_from_dict, config_to_dict
+
+FORMAT_VERSION = 1
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+               "rl": "chatrl_checkpoints"}
+TRAIN_COMMANDS = {"base": "python -m scripts.base_train", "mid": "python -m scripts.mid_train",
+                  "sft": "python -m scripts.chat_sft", "rl": "python -m scripts.chat_rl"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked; the message says where, what was expected and what was found."""
+
+
+def _sha256(data: bytes):
+    return hashlib.sha256(data).hexdigest()
+
+
+def source_dir(source):
+    if source not in SOURCE_DIRS:
+        raise ValueError(f"unknown checkpoint source {source!r}; valid: {', '.join(SOURCE_DIRS)}")
+    return os.path.join(get_base_dir(), SOURCE_DIRS[source])
+
+
+def checkpoint_dir(source, model_tag):
+    return os.path.join(source_dir(source), model_tag)
+
+
+def default_model_tag(model_type, depth):
+    return f"{model_type}_d{depth}"
+
+
+def list_steps(ckpt_dir):
+    """Complete steps (those with a meta file), ascending."""
+    steps = []
+    for path in glob.glob(os.path.join(ckpt_dir, "meta_*.json")):
+        m = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def find_last_step(ckpt_dir):
+    steps = list_steps(ckpt_dir)
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint (meta_*.json) in {ckpt_dir}")
+    return steps[-1]
+
+
+def _paths(ckpt_dir, step, rank=0):
+    return (os.path.join(ckpt_dir, f"model_{step:06d}.safetensors"),
+            os.path.join(ckpt_dir, f"meta_{step:06d}.json"),
+            os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt"))
+
+
+# -----------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(ckpt_dir, step, model, meta, rank_state=None, rank=0):
+    """Write one step. `rank_state` (optimizer/dataloader/RNG state of this rank) is saved by every rank;
+    weights and meta by rank 0, meta last, after every rank has finished writing."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    model_path, meta_path, rank_path = _paths(ckpt_dir, step, rank)
+    if rank_state is not None:
+        buf = io.BytesIO()
+        torch.save(rank_state, buf)
+        atomic_write_bytes(rank_path, buf.getvalue())
+    if rank == 0:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        blob = safetensors_save(tensors, metadata={"model_type": model.model_type, "step": str(step)})
+        atomic_write_bytes(model_path, blob)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank's state is on disk before the step is declared complete
+    if rank == 0:
+        meta = dict(meta, format_version=FORMAT_VERSION, step=step, model_type=model.model_type,
+                    model_config=config_to_dict(model.config), model_sha256=_sha256(blob),
+                    world_size=dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+        logger.info(f"saved checkpoint step {step} to {ckpt_dir}")
+
+
+def record_metrics(source, model_tag, step, metrics):
+    """Merge evaluation results into a checkpoint's meta file (atomically)."""
+    ckpt_dir = checkpoint_dir(source, model_tag)
+    step = find_last_step(ckpt_dir) if step is None else step
+    _, meta_path, _ = _paths(ckpt_dir, step)
+    meta = read_meta(ckpt_dir, step)
+    meta.setdefault("metrics", {}).update(metrics)
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def read_meta(ckpt_dir, step):
+    _, meta_path, _ = _paths(ckpt_dir, step)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {meta_path}: {e}") from e
+    if meta.get("model_type") not in MODEL_TYPES:
+        raise CheckpointError(f"{meta_path} names model_type={meta.get('model_type')!r}; "
+                              f"this version knows {', '.join(MODEL_TYPES)}")
+    return meta
+
+
+def load_rank_state(ckpt_dir, step, rank=0):
+    _, _, rank_path = _paths(ckpt_dir, step, rank)
+    if not os.path.exists(rank_path):
+        raise CheckpointError(f"{rank_path} is missing: this checkpoint cannot resume rank {rank} "
+                              f"(was it saved with a different number of processes?)")
+    return torch.load(rank_path, map_location="cpu", weights_only=False)
+
+
+def load_state_dict(ckpt_dir, step, meta):
+    """Read and verify the weights: size/hash mismatches and truncation are reported, never loaded."""
+    model_path, _, _ = _paths(ckpt_dir, step)
+    try:
+        with open(model_path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights {model_path}: {e}") from e
+    expected = meta.get("model_sha256")
+    if expected and _sha256(blob) != expected:
+        raise CheckpointError(f"weights file {model_path} is corrupted or truncated: sha256 {_sha256(blob)[:16]}... "
+                              f"does not match {expected[:16]}... recorded in its meta file")
+    try:
+        return safetensors_load(blob)
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointError(f"weights file {model_path} is not a valid safetensors file: {e}") from e
+
+
+def build_model_from_meta(ckpt_dir, meta, state_dict, device):
+    model_type = meta["model_type"]
+    try:
+        config = config_from_dict(model_type, meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"model_config in {ckpt_dir} is not a valid {model_type} config: {e}") from e
+    with torch.device("meta"):
+        model = MODEL_TYPES[model_type].model_cls(config)
+    expected, found = set(model.state_dict().keys()), set(state_dict.keys())
+    if expected != found:
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        raise CheckpointError(f"weights in {ckpt_dir} do not match a {model_type} model with its config: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in model.state_dict().items():
+        if v.shape != state_dict[k].shape:
+            raise CheckpointError(f"{k} in {ckpt_dir}: expected shape {tuple(v.shape)} from the config, "
+                                  f"found {tuple(state_dict[k].shape)}")
+    model.to_empty(device=device)
+    model.init_weights()  # also sets non-persistent buffers (rotary tables)
+    model.load_state_dict(state_dict, strict=True, assign=False)
+    return model
+
+
+def check_model_type(ckpt_dir, meta, model_type):
+    if model_type is not None and model_type != meta["model_type"]:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} holds a '{meta['model_type']}' model, but --model_type={model_type} was given. "
+            f"Use --model_type={meta['model_type']} or leave --model_type out (it is read from the checkpoint).")
+
+
+def check_tokenizer(ckpt_dir, meta, tokenizer):
+    expected = meta.get("tokenizer_hash")
+    if expected and tokenizer.hash != expected:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} was trained with tokenizer {expected[:12]}, but the tokenizer in "
+            f"{os.path.join(get_base_dir(), 'tokenizer')} is {tokenizer.hash[:12]}. Restore the original tokenizer "
+            f"or retrain the model with this one.")
+
+
+def list_model_tags(source, model_type=None):
+    """Tags under a source that hold at least one complete step (optionally of one model type)."""
+    root = source_dir(source)
+    tags = []
+    for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        steps = list_steps(os.path.join(root, tag))
+        if not steps:
+            continue
+        if model_type is not None and read_meta(os.path.join(root, tag), steps[-1])["model_type"] != model_type:
+            continue
+        tags.append(tag)
+    return tags
+
+
+def find_largest_model_tag(source, model_type=None):
+    """The tag whose latest step has the most layers (ties: the most recently written)."""
+    tags = list_model_tags(source, model_type)
+    if not tags:
+        what = f"{model_type} " if model_type else ""
+        raise CheckpointError(f"no {what}checkpoint in {source_dir(source)}; train one first: "
+                              f"{TRAIN_COMMANDS[source]} --model_type={model_type or 'gpt'}")
+
+    def key(tag):
+        d = checkpoint_dir(source, tag)
+        step = find_last_step(d)
+        return read_meta(d, step)["model_config"].get("n_layer", 0), os.path.getmtime(_paths(d, step)[1])
+
+    return max(tags, key=key)
+
+
+def load_model_from_dir(ckpt_dir, device, phase="eval", step=None, model_type=None, tokenizer=None):
+    step = find_last_step(ckpt_dir) if step is None else step
+    meta = read_meta(ckpt_dir, step)
+    check_model_type(ckpt_dir, meta, model_type)
+    if tokenizer is not None:
+        check_tokenizer(ckpt_dir, meta, tokenizer)
+    model = build_model_from_meta(ckpt_dir, meta, load_state_dict(ckpt_dir, step, meta), device)
+    model.train(phase == "train")
+    return model, meta
+
+
+def load_model(source, device=None, phase="eval", model_tag=None, step=None, model_type=None):
+    """Load (model, tokenizer, meta) of a source ("base", "mid", "sft", "rl"). The model class comes from the
+    checkpoint's metadata; model_tag defaults to the largest checkpoint (of model_type, when given)."""
+    from nanochat.tokenizer import get_tokenizer
+
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if model_tag is None:
+        model_tag = find_largest_model_tag(source, model_type)
+    ckpt_dir = checkpoint_dir(source, model_tag)
+    if not list_steps(ckpt_dir):
+        available = list_model_tags(source)
+        raise CheckpointError(f"no checkpoint {ckpt_dir}; available under {source_dir(source)}: "
+                              f"{', '.join(available) or 'none'}. Train one: {TRAIN_COMMANDS[source]}")
+    tokenizer = get_tokenizer()
+    model, meta = load_model_from_dir(ckpt_dir, device, phase, step, model_type, tokenizer)
+    meta = dict(meta, model_tag=model_tag, checkpoint_dir=ckpt_dir)
+    return model, tokenizer, meta

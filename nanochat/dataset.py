@@ -1,0 +1,287 @@
+"""
+Pretraining data: parquet shards with one `text` column, one document per row (the layout of FineWeb-edu-100B
+shuffled). Sorted by name, the last shard is the validation split and all others are the training split.
+
+Two sources of shards:
+- the real one: FineWeb-edu shards downloaded into $BASE/base_data with `python -m nanochat.dataset -n 240 -w 4`
+- the embedded default corpus: public-domain books shipped in data/corpus/*.txt.gz (see data/SOURCES.md),
+  turned into shards in $BASE/embedded_data on first use, so everything runs offline out of the box.
+get_data_dir() prefers the real shards whenever any have been downloaded.
+"""
+
+import argparse
+import glob
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from functools import partial
+from multiprocessing.pool import ThreadPool
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+from tqdm import tqdm
+
+from nanochat.common import atomic_write_bytes, get_base_dir, print0
+
+SPLITS = ("train", "val")
+
+# -----------------------------------------------------------------------------
+# The embedded corpus: data/corpus/*.txt.gz, documents separated by a line that is exactly DOC_SEPARATOR
+# (written by scripts/build_corpus.py).
+
+CORPUS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus")
+DOC_SEPARATOR = "<|doc|>"
+SHUFFLE_SEED = 42  # fixed: the same corpus always gives the same shards, and every shard mixes all sources
+VAL_FRACTION = 0.04  # ~4% of documents, held out as the last shard
+NUM_TRAIN_SHARDS = 4
+# Rank r of w reads row groups r, r+w, ... of every shard, so a shard needs at least w row groups for every rank
+# to get data. The corpus is small (~900 documents per shard), so instead of a fixed number of documents per row
+# group (FineWeb uses ~1000) each shard is cut into 16 row groups: up to 16 ranks all read from every shard.
+ROW_GROUPS_PER_SHARD = 16
+COMPLETE_MARKER = "COMPLETE.json"  # written last: shards without it are an unfinished build
+
+
+def read_embedded_corpus(corpus_dir=CORPUS_DIR):
+    """All documents of the embedded corpus, in a fixed order (files sorted by name)."""
+    paths = sorted(glob.glob(os.path.join(corpus_dir, "*.txt.gz")))
+    if not paths:
+        raise FileNotFoundError(f"no *.txt.gz files in {corpus_dir}: the embedded corpus ships with the repository "
+                                f"(regenerate it with `python -m scripts.build_corpus --src DIR`)")
+    docs = []
+    for path in paths:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            docs += [d.strip("\n") for d in f.read().split(f"\n{DOC_SEPARATOR}\n")]
+    return [d for d in docs if d]
+
+
+def corpus_fingerprint(corpus_dir=CORPUS_DIR):
+    """Hash of the corpus files and the shard layout: shards built from anything else are rebuilt."""
+    h = hashlib.sha256(f"{SHUFFLE_SEED} {VAL_FRACTION} {NUM_TRAIN_SHARDS} {ROW_GROUPS_PER_SHARD}".encode())
+    for path in sorted(glob.glob(os.path.join(corpus_dir, "*.txt.gz"))):
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + f.read())
+    return h.hexdigest()
+
+
+def embedded_shards_complete(out_dir, fingerprint):
+    try:
+        with open(os.path.join(out_dir, COMPLETE_MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return False
+    files = marker.get("files", [])
+    return marker.get("fingerprint") == fingerprint and all(os.path.exists(os.path.join(out_dir, f)) for f in files)
+
+
+def write_shard(path, docs):
+    """One parquet shard, written to a temp file and renamed, so readers never see half a shard."""
+    table = pa.table({"text": pa.array(docs, type=pa.string())})
+    tmp = f"{path}.tmp.{os.getpid()}"
+    pq.write_table(table, tmp, row_group_size=math.ceil(len(docs) / ROW_GROUPS_PER_SHARD), compression="zstd")
+    os.replace(tmp, path)
+
+
+def build_embedded_shards(out_dir=None, force=False):
+    """Build $BASE/embedded_data/shard_*.parquet from the embedded corpus (a no-op when already built).
+    Safe when several processes (DDP ranks) call it at once: they write identical files, each atomically."""
+    out_dir = out_dir or os.path.join(get_base_dir(), "embedded_data")
+    fingerprint = corpus_fingerprint()
+    if not force and embedded_shards_complete(out_dir, fingerprint):
+        return out_dir
+    t0 = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    marker_path = os.path.join(out_dir, COMPLETE_MARKER)
+    if os.path.exists(marker_path):
+        os.remove(marker_path)
+    docs = read_embedded_corpus()
+    random.Random(SHUFFLE_SEED).shuffle(docs)
+    n_val = max(1, round(len(docs) * VAL_FRACTION))
+    train, val = docs[:-n_val], docs[-n_val:]
+    shards = [train[i::NUM_TRAIN_SHARDS] for i in range(NUM_TRAIN_SHARDS)] + [val]  # the last shard is val
+    names = [f"shard_{i:05d}.parquet" for i in range(len(shards))]
+    for stale in set(os.listdir(out_dir)) - set(names):  # e.g. shards of an older, larger layout
+        if stale.endswith(".parquet"):
+            os.remove(os.path.join(out_dir, stale))
+    for name, shard in tqdm(list(zip(names, shards)), desc="embedded corpus shards", disable=None):
+        write_shard(os.path.join(out_dir, name), shard)
+    marker = {"fingerprint": fingerprint, "files": names, "num_docs": len(docs), "num_val_docs": n_val}
+    atomic_write_bytes(marker_path, json.dumps(marker, indent=2).encode())
+    print0(f"Built {len(names)} embedded shards ({len(train)} train + {n_val} val documents) in {out_dir} "
+           f"in {time.time() - t0:.1f}s")
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# Finding and reading shards
+
+
+def get_data_dir():
+    """$BASE/base_data when it holds downloaded shards, else $BASE/embedded_data (built on first use)."""
+    base_data = os.path.join(get_base_dir(), "base_data")
+    if list_parquet_files(base_data):
+        return base_data
+    return build_embedded_shards()
+
+
+def list_parquet_files(data_dir=None):
+    """Sorted full paths of the *.parquet files in data_dir (in-progress *.tmp downloads are not listed)."""
+    data_dir = data_dir or get_data_dir()
+    if not os.path.isdir(data_dir):
+        return []
+    return sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".parquet"))
+
+
+def split_files(split):
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}")
+    data_dir = get_data_dir()
+    files = list_parquet_files(data_dir)
+    if len(files) < 2:
+        raise FileNotFoundError(
+            f"found {len(files)} parquet shard(s) in {data_dir}, need at least 2 (the last one is the validation "
+            f"split): download more with `python -m nanochat.dataset -n 2`, or empty {data_dir} to use the "
+            f"embedded corpus")
+    return files[:-1] if split == "train" else files[-1:]
+
+
+def iter_row_groups(split, start=0, step=1, resume=None):
+    """One pass over a split, yielding (docs, (shard_idx, rg_idx)) per row group.
+    Rank r of w passes start=r, step=w: inside every shard it reads row groups r, r+w, r+2w, ...
+    resume=(shard_idx, rg_idx), the position of the last row group consumed, continues just after it."""
+    if step < 1 or not 0 <= start < step:
+        raise ValueError(f"need step >= 1 and 0 <= start < step, got start={start}, step={step}")
+    files = split_files(split)
+    resume = tuple(resume) if resume is not None else None  # may come back from JSON as a list
+    for shard_idx, path in enumerate(files):
+        if resume is not None and shard_idx < resume[0]:
+            continue
+        pf = pq.ParquetFile(path)
+        for rg_idx in range(start, pf.num_row_groups, step):
+            if resume is not None and (shard_idx, rg_idx) <= resume:
+                continue
+            docs = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+            yield docs, (shard_idx, rg_idx)
+
+
+def parquets_iter_batched(split, start=0, step=1):
+    """One pass over a split, yielding the documents (list[str]) of one row group at a time."""
+    for docs, _ in iter_row_groups(split, start=start, step=step):
+        yield docs
+
+
+# -----------------------------------------------------------------------------
+# Downloading FineWeb-edu-100B shards (~100MB each)
+
+BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+MAX_SHARD = 1822  # shards 0..1822 exist
+CHUNK_BYTES = 1 << 20
+
+
+class PermanentHTTPError(Exception):
+    """An HTTP error that retrying will not fix (e.g. 404)."""
+
+
+def shard_filename(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def validate_parquet(path):
+    """Raise if the file is not a complete parquet file (a cut download loses the footer at the end)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, size - 4))
+        tail = f.read(4)
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":
+        raise ValueError(f"{os.path.basename(path)} is not a complete parquet file ({size} bytes)")
+    return pq.ParquetFile(path).metadata.num_rows  # parses the footer
+
+
+def fetch_to_file(url, path, timeout):
+    with requests.get(url, stream=True, timeout=timeout) as r:
+        if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+            raise PermanentHTTPError(f"HTTP {r.status_code} for {url}")
+        r.raise_for_status()
+        written = 0
+        with open(path, "wb") as f:  # "wb": a partial file left by an interrupted run is overwritten
+            for chunk in r.iter_content(chunk_size=CHUNK_BYTES):
+                f.write(chunk)
+                written += len(chunk)
+        expected = r.headers.get("Content-Length")
+        if expected is not None and r.headers.get("Content-Encoding", "identity") == "identity":
+            if written != int(expected):
+                raise OSError(f"truncated download: got {written} of {expected} bytes")
+
+
+def download_shard(index, data_dir, base_url=BASE_URL, attempts=5, backoff=2.0, timeout=30):
+    """Download one shard (skipped if present) via a .tmp file, validated, then renamed into place.
+    Retries with exponential backoff: waits backoff, 2*backoff, 4*backoff, ... seconds. Returns True on success."""
+    filename = shard_filename(index)
+    path = os.path.join(data_dir, filename)
+    if os.path.exists(path):  # only ever created by the rename below, after validation
+        return True
+    url = f"{base_url.rstrip('/')}/{filename}"
+    tmp = path + ".tmp"
+    for attempt in range(1, attempts + 1):
+        try:
+            fetch_to_file(url, tmp, timeout)
+            validate_parquet(tmp)
+            os.replace(tmp, path)
+            print(f"Downloaded {filename}", flush=True)
+            return True
+        except PermanentHTTPError as e:
+            print(f"Failed {filename}: {e}", flush=True)
+            break
+        except (requests.RequestException, OSError, ValueError, pa.ArrowException) as e:
+            if attempt == attempts:
+                print(f"Failed {filename} after {attempts} attempts: {e}", flush=True)
+                break
+            wait = backoff * 2 ** (attempt - 1)
+            print(f"Attempt {attempt}/{attempts} for {filename} failed ({e}); retrying in {wait:.1f}s", flush=True)
+            time.sleep(wait)
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    return False
+
+
+def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, attempts=5, backoff=2.0):
+    """Download shards 0..num_files-1 (all when num_files=-1) into $BASE/base_data. Returns the failed indices."""
+    data_dir = data_dir or os.path.join(get_base_dir(), "base_data")
+    base_url = base_url or os.environ.get("NANOCHAT_DATA_URL") or BASE_URL
+    num_shards = MAX_SHARD + 1 if num_files == -1 else min(num_files, MAX_SHARD + 1)
+    os.makedirs(data_dir, exist_ok=True)
+    print(f"Downloading {num_shards} shards with {num_workers} workers from {base_url} to {data_dir}", flush=True)
+    fn = partial(download_shard, data_dir=data_dir, base_url=base_url, attempts=attempts, backoff=backoff)
+    with ThreadPool(num_workers) as pool:  # downloads wait on the network, so threads are enough
+        ok = pool.map(fn, range(num_shards))
+    failed = [i for i, good in enumerate(ok) if not good]
+    print(f"Done: {num_shards - len(failed)}/{num_shards} shards in {data_dir}"
+          + (f"; failed: {failed} (run the command again to retry)" if failed else ""), flush=True)
+    return failed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Download FineWeb-edu-100B shuffled parquet shards "
+                                                 "(the last shard downloaded is used as the validation split).")
+    parser.add_argument("-n", "--num_files", "--num-files", type=int, default=-1,
+                        help=f"number of shards to download, -1 = all {MAX_SHARD + 1}")
+    parser.add_argument("-w", "--num_workers", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--base_url", "--base-url", default=None,
+                        help=f"where shard_XXXXX.parquet files live (default: $NANOCHAT_DATA_URL or {BASE_URL})")
+    parser.add_argument("--attempts", type=int, default=5, help="tries per shard")
+    parser.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, doubling")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    failed = download_shards(args.num_files, args.num_workers, base_url=args.base_url, attempts=args.attempts,
+                             backoff=args.backoff)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

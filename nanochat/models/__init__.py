@@ -1,0 +1,90 @@
+"""
+Model registry: the only place that knows which architectures exist. Training, evaluation and inference ask
+it for a config and a model by model_type and never import a concrete model.
+Adding an architecture = one file with a config dataclass, a BaseLM subclass and config_from_depth, plus one
+line in MODEL_TYPES.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from nanochat.models import alcoholic, gpt
+from nanochat.models.base import BaseLM, KVCache
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config_cls: type
+    model_cls: type
+    config_from_depth: Callable  # (depth, max_seq_len, vocab_size, **overrides) -> config
+
+
+MODEL_TYPES = {
+    "gpt": ModelSpec(gpt.GPTConfig, gpt.GPT, gpt.config_from_depth),
+    "alcoholic": ModelSpec(alcoholic.AlcoholicNanoConfig, alcoholic.Alcoholic, alcoholic.config_from_depth),
+}
+
+# Knobs that config_from_depth understands beyond the config fields (GPT has no head_dim field: it sets n_head)
+DEPTH_KNOBS = ("head_dim",)
+
+
+def get_model_spec(model_type):
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; valid types: {', '.join(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type]
+
+
+def config_fields(model_type):
+    return [f.name for f in dataclasses.fields(get_model_spec(model_type).config_cls)]
+
+
+def config_from_depth(model_type, depth, max_seq_len, vocab_size, **overrides):
+    """
+    The config of a model of `depth` layers (nanochat's scaling): n_embd = 64 * depth, heads of ~head_dim=128
+    channels; gpt: n_kv_head = n_head; alcoholic: n_kv_head ~ n_head / 2, intermediate_size = 4 * n_embd.
+    Overrides set any config field (None values are ignored, so unset command-line flags can be passed as is);
+    fields derived from an overridden one follow it (e.g. n_embd -> n_head and intermediate_size).
+    """
+    spec = get_model_spec(model_type)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    valid = config_fields(model_type) + [k for k in DEPTH_KNOBS if k not in config_fields(model_type)]
+    unknown = [k for k in overrides if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown override {unknown[0]!r} for model_type {model_type!r}; valid fields: "
+                         f"{', '.join(valid)}")
+    if not isinstance(depth, int) or depth <= 0:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    return spec.config_from_depth(depth, max_seq_len, vocab_size, **overrides)
+
+
+def build_model(model_type, config, device="cpu"):
+    """Build on the meta device (no memory, no init cost), allocate on `device`, then init_weights()."""
+    spec = get_model_spec(model_type)
+    if not isinstance(config, spec.config_cls):
+        raise TypeError(f"model_type {model_type!r} needs a {spec.config_cls.__name__}, "
+                        f"got a {type(config).__name__}")
+    with torch.device("meta"):
+        model = spec.model_cls(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def config_to_dict(config):
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(model_type, d):
+    fields = config_fields(model_type)
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+        raise ValueError(f"config for model_type {model_type!r} has unknown keys {unknown}; valid fields: "
+                         f"{', '.join(fields)} (was it saved by a model of another type?)")
+    return get_model_spec(model_type).config_cls(**d)
+
+
+__all__ = ["MODEL_TYPES", "ModelSpec", "BaseLM", "KVCache", "get_model_spec", "config_fields", "config_from_depth",
+           "build_model", "config_to_dict", "config_from_dict"]

@@ -1,0 +1,204 @@
+"""
+Alcoholic: a Qwen3-style model in nanochat's frame.
+- SwiGLU MLP (gate/up/down) with a configurable intermediate size (relu^2 up/down optional)
+- learnable RMSNorm (or LayerNorm without bias) before attention and MLP, after the token embedding
+  (embed_norm) and before the lm_head (model.norm)
+- optional learnable per-head QK norm, applied before rotary (Qwen3's order; nanochat's GPT norms after)
+- rotary embeddings with a configurable base (1e6 by default, for longer contexts)
+- GQA, no biases, untied embeddings, optional dropout and logit softcap
+Parameter names follow transformers' Qwen3 so that export is a renaming. The extra embed_norm folds into the
+embedding table on export: a norm of a looked-up row depends on the token id only.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.models.base import BaseLM, RMSNorm, Rotary, apply_rotary_emb, attention, heads_for_width
+
+NORM_TYPES = ("rmsnorm", "layernorm")
+MLP_TYPES = ("swiglu", "relu2")
+
+
+@dataclass
+class AlcoholicNanoConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_head: int = 16
+    n_kv_head: int = 8  # typically half of n_head
+    n_embd: int = 1280
+    intermediate_size: int = 5120  # 4x n_embd
+    rope_theta: float = 1_000_000.0
+    qk_norm: bool = True
+    norm_type: str = "rmsnorm"
+    mlp_type: str = "swiglu"
+    dropout: float = 0.0
+    head_dim: int | None = None  # None -> n_embd // n_head; any even value works (attention width n_head*head_dim)
+    norm_eps: float = 1e-6
+    logit_softcap: float | None = None
+
+    def __post_init__(self):
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"AlcoholicNanoConfig.{name} must be a positive int, got {value!r}")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"AlcoholicNanoConfig: n_head={self.n_head} must be a multiple of "
+                             f"n_kv_head={self.n_kv_head} (each key/value head serves n_head/n_kv_head query heads)")
+        if self.head_dim is None and self.n_embd % self.n_head != 0:
+            raise ValueError(f"AlcoholicNanoConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"change n_head or set head_dim explicitly")
+        head_dim = self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2 != 0:
+            raise ValueError(f"AlcoholicNanoConfig: head_dim={head_dim} must be a positive even int "
+                             f"(rotary rotates pairs of channels)")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"AlcoholicNanoConfig: unknown norm_type={self.norm_type!r}; supported: {NORM_TYPES}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"AlcoholicNanoConfig: unknown mlp_type={self.mlp_type!r}; supported: {MLP_TYPES}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AlcoholicNanoConfig: dropout={self.dropout} must be in [0, 1)")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError(f"AlcoholicNanoConfig: rope_theta={self.rope_theta} and norm_eps={self.norm_eps} "
+                             f"must be positive")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ValueError(f"AlcoholicNanoConfig: logit_softcap={self.logit_softcap} must be positive or None")
+
+
+def config_from_depth(depth, max_seq_len, vocab_size, **overrides):
+    """Same width and heads as GPT at each depth (so the two compare fairly); half as many key/value heads
+    (the largest divisor of n_head that is <= n_head // 2) and a 4x intermediate size. `head_dim` sets
+    n_head = n_embd/head_dim, as for GPT."""
+    n_embd = overrides.pop("n_embd", 64 * depth)
+    head_dim = overrides.pop("head_dim", 128)
+    n_head = overrides.pop("n_head", None) or heads_for_width(n_embd, head_dim)
+    n_kv_head = max([d for d in range(1, max(1, n_head // 2) + 1) if n_head % d == 0])
+    kwargs = dict(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                  n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=4 * n_embd)
+    return AlcoholicNanoConfig(**{**kwargs, **overrides})
+
+
+def make_norm(config, dim):
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps, bias=False)
+    return RMSNorm(dim, eps=config.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.head_dim or config.n_embd // config.n_head
+        self.dropout = config.dropout  # on the attention probabilities
+        self.qk_norm = config.qk_norm
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        if config.qk_norm:  # per head, over head_dim: one weight vector shared by all heads (Qwen3)
+            self.q_norm = make_norm(config, self.head_dim)
+            self.k_norm = make_norm(config, self.head_dim)
+
+    def forward(self, x, cos_sin, kv_cache):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # before rotary, as Qwen3
+        q, k = apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.mlp_type = config.mlp_type
+        if config.mlp_type == "swiglu":
+            self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        if self.mlp_type == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.dropout = config.dropout  # on the residual branches
+        self.input_layernorm = make_norm(config, config.n_embd)  # attn_norm
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config, config.n_embd)  # mlp_norm
+        self.mlp = MLP(config)
+
+    def drop(self, y):
+        return F.dropout(y, self.dropout, self.training) if self.dropout > 0 else y
+
+    def forward(self, x, cos_sin, kv_cache):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos_sin, kv_cache))
+        x = x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+class Alcoholic(BaseLM):
+    model_type = "alcoholic"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim or config.n_embd // config.n_head
+        self.logit_softcap = config.logit_softcap
+        self.model = nn.ModuleDict({
+            "embed_tokens": nn.Embedding(config.vocab_size, config.n_embd),
+            "embed_norm": make_norm(config, config.n_embd),  # input norm
+            "layers": nn.ModuleList([DecoderLayer(config, i) for i in range(config.n_layer)]),
+            "norm": make_norm(config, config.n_embd),  # output norm
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.rotary = Rotary(self.head_dim, config.sequence_len * 10, theta=config.rope_theta)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """
+        embed_tokens:                         normal, std 1 (normalised right away; Adam's lr is tuned for this)
+        lm_head:                              normal, std 0.001
+        q/k/v_proj, gate/up_proj:             uniform, std 1/sqrt(fan_in)
+        o_proj, down_proj:                    zeros (every block starts as the identity)
+        norm weights:                         ones
+        """
+        nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.up_proj, getattr(mlp, "gate_proj", None)):
+                if lin is not None:
+                    s = 3**0.5 * lin.in_features**-0.5  # a uniform on [-s, s] has std 1/sqrt(fan_in)
+                    nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(attn.o_proj.weight)
+            nn.init.zeros_(mlp.down_proj.weight)
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+        self.rotary.reset()
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.size()
+        t0 = 0 if kv_cache is None else kv_cache.pos  # decoding continues at the cache's position
+        cos_sin = self.rotary(t0, T)
+        x = self.model.embed_norm(self.model.embed_tokens(idx))
+        for layer in self.model.layers:
+            x = layer(x, cos_sin, kv_cache)
+        x = self.model.norm(x)
+        return self.logits_or_loss(x, targets, loss_reduction)

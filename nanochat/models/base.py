@@ -1,0 +1,340 @@
+"""
+What every model shares: norms, rotary embeddings, the KV cache, the attention call, and BaseLM, which holds
+the methods that do not depend on the architecture (loss, generate, optimizers, FLOPs, parameter groups).
+A model file then only holds its config, its blocks, __init__, init_weights and forward.
+"""
+
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.common import print0
+from nanochat.optim import DistMuon, Muon, make_adamw
+
+# -----------------------------------------------------------------------------
+# Norms
+
+
+def norm(x):
+    """Parameter-free RMSNorm (nanochat's GPT); eps defaults to the dtype's machine epsilon."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """Learnable RMSNorm (Qwen3's): normalise in fp32 whatever the input dtype, then scale by a weight (init 1)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        # the result goes back to the input dtype so that k and v (and the KV cache) share one dtype under autocast
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+
+    def extra_repr(self):
+        return f"{self.weight.numel()}, eps={self.eps}"
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embeddings (https://arxiv.org/abs/2104.09864)
+
+
+def apply_rotary_emb(x, cos, sin):
+    """
+    Rotate x of shape (B, T, H, D) with tables of shape (1, T, 1, D/2), in the Hugging Face / Qwen convention:
+    split the head into halves (x1, x2), y1 = x1*cos - x2*sin, y2 = x2*cos + x1*sin.
+    nanochat's GPT uses y1 = x1*cos + x2*sin, y2 = x2*cos - x1*sin, which is the same formula with sin negated,
+    i.e. a rotation by the opposite angle; GPT therefore builds its tables with negate_sin=True.
+    """
+    assert x.ndim == 4, f"apply_rotary_emb expects (B, T, H, D), got shape {tuple(x.shape)}"
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # tables are kept in fp32; rotate in the activations' dtype
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=3)
+
+
+def rotary_tables(seq_len, head_dim, theta, negate_sin=False, device=None):
+    """cos and sin of shape (1, seq_len, 1, head_dim/2), computed in fp32."""
+    assert head_dim % 2 == 0, f"rotary embeddings need an even head_dim, got {head_dim}"
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+    inv_freq = 1.0 / (theta ** (channels / head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    cos, sin = freqs.cos(), freqs.sin()
+    if negate_sin:
+        sin = -sin
+    return cos[None, :, None, :], sin[None, :, None, :]
+
+
+class Rotary(nn.Module):
+    """
+    Cached rotary tables. They are cheap, so seq_len (10x the training context, as nanochat) is precomputed;
+    asking for positions beyond that recomputes larger tables with a warning instead of failing.
+    Buffers are not persistent: they are never saved in checkpoints, and init_weights() recomputes them
+    (a model built on the meta device and moved with to_empty() holds garbage until then).
+    """
+
+    def __init__(self, head_dim, seq_len, theta, negate_sin=False):
+        super().__init__()
+        self.head_dim, self.theta, self.negate_sin = head_dim, theta, negate_sin
+        cos, sin = rotary_tables(seq_len, head_dim, theta, negate_sin)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def reset(self, seq_len=None):
+        seq_len = seq_len or self.cos.size(1)
+        self.cos, self.sin = rotary_tables(seq_len, self.head_dim, self.theta, self.negate_sin, self.cos.device)
+
+    def forward(self, start, length):
+        """Tables for positions start .. start+length-1."""
+        end = start + length
+        if end > self.cos.size(1):
+            new_len = max(end, 2 * self.cos.size(1))
+            warnings.warn(f"position {end - 1} is beyond the {self.cos.size(1)} precomputed rotary positions; "
+                          f"extending the tables to {new_len} (the model was trained on much shorter sequences)",
+                          stacklevel=2)
+            self.reset(new_len)
+        return self.cos[:, start:end], self.sin[:, start:end]
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """
+    Keys and values of every layer, preallocated as one (num_layers, 2, B, H_kv, T_max, D) tensor.
+    insert_kv() writes the new positions and returns views up to them; pos advances after the last layer,
+    so all layers of one forward pass write at the same offset. With dtype/device None the buffer is allocated
+    on the first insert, in the dtype and on the device of the keys (bf16 under CUDA autocast, fp32 on CPU).
+    """
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device=None, dtype=None):
+        self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
+        self.kv = None
+        if device is not None and dtype is not None:
+            self.kv = torch.empty(self.shape, device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype
+        self.pos = 0
+
+    @property
+    def batch_size(self):
+        return self.shape[2]
+
+    @property
+    def seq_len(self):
+        return self.shape[4]
+
+    def reset(self):
+        self.pos = 0
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer_idx, k, v):
+        """k, v: (B, H_kv, T_new, D). Returns (k_all, v_all) of shape (B, H_kv, pos + T_new, D)."""
+        B, H, T_new, D = k.shape
+        _, _, B0, H0, T_max, D0 = self.shape
+        if (B, H, D) != (B0, H0, D0):
+            raise ValueError(f"KV cache holds (batch={B0}, kv_heads={H0}, head_dim={D0}) but got keys with "
+                             f"(batch={B}, kv_heads={H}, head_dim={D}); build it with model.make_kv_cache()")
+        t0, t1 = self.pos, self.pos + T_new
+        if t1 > T_max:
+            raise RuntimeError(f"KV cache overflow: {t0} cached + {T_new} new positions > seq_len={T_max}; "
+                               f"create the cache with a larger seq_len (prompt length + max new tokens)")
+        if self.kv is None:
+            self.kv = torch.empty(self.shape, device=self.device or k.device, dtype=self.dtype or k.dtype)
+        self.kv[layer_idx, 0, :, :, t0:t1] = k
+        self.kv[layer_idx, 1, :, :, t0:t1] = v
+        if layer_idx == self.shape[0] - 1:
+            self.pos = t1
+        return self.kv[layer_idx, 0, :, :, :t1], self.kv[layer_idx, 1, :, :, :t1]
+
+    def expand(self, batch_size):
+        """After a batch-1 prefill, copy that one row into a new buffer of batch_size rows (to sample N
+        continuations of one prompt). Returns self."""
+        B = self.shape[2]
+        if batch_size == B:
+            return self
+        if B != 1:
+            raise ValueError(f"KVCache.expand needs a batch-1 cache (prefill once, then expand), this one has "
+                             f"batch_size={B}")
+        L, two, _, H, T_max, D = self.shape
+        self.shape = (L, two, batch_size, H, T_max, D)
+        if self.kv is not None:
+            new = torch.empty(self.shape, device=self.kv.device, dtype=self.kv.dtype)
+            new[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]  # broadcasts the one row to all
+            self.kv = new
+        return self
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+
+def attention(q, k, v, dropout_p=0.0):
+    """
+    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H a multiple of H_kv (GQA). Three cases:
+    - Tq == Tk: training, or a prefill into an empty cache -> plain causal attention
+    - Tq == 1: decoding one token -> it sees every cached position, no mask
+    - 1 < Tq < Tk: a chunk appended to a non-empty cache -> the whole prefix plus causal within the chunk
+    """
+    Tq, Tk = q.size(2), k.size(2)
+    if k.dtype != q.dtype:  # a cache allocated in another dtype than the activations
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    gqa = q.size(1) != k.size(1)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+    if Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
+    # query i sits at absolute position Tk - Tq + i and may see keys 0 .. Tk - Tq + i (True = attend)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next_token(logits, rng=None, temperature=1.0, top_k=None):
+    """logits (B, V) -> next token ids (B, 1). temperature 0 is greedy; top_k samples among the k best."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    if top_k is not None:
+        vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        probs = F.softmax(vals / temperature, dim=-1)
+        return idx.gather(1, torch.multinomial(probs, num_samples=1, generator=rng))
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=rng)
+
+
+# -----------------------------------------------------------------------------
+# Shapes
+
+
+def heads_for_width(n_embd, head_dim):
+    """nanochat's rule: as many heads of ~head_dim as cover n_embd; the width must split evenly between them."""
+    n_head = max(1, math.ceil(n_embd / head_dim))
+    if n_embd % n_head != 0 or (n_embd // n_head) % 2 != 0:
+        good = [d for d in range(2, n_embd + 1, 2) if n_embd % d == 0]
+        raise ValueError(f"n_embd={n_embd} with head_dim={head_dim} gives n_head={n_head}, which does not split "
+                         f"n_embd into even-sized heads; pass a head_dim that divides n_embd, e.g. one of {good}, "
+                         f"or pick another depth")
+    return n_head
+
+
+# -----------------------------------------------------------------------------
+# BaseLM
+
+
+class BaseLM(nn.Module):
+    """
+    Shared model interface. Subclasses set model_type, self.config (with n_layer, n_head, n_kv_head, n_embd,
+    sequence_len, vocab_size), self.head_dim, self.logit_softcap, self.lm_head, and one nn.Embedding;
+    they implement init_weights() and forward(idx, targets=None, kv_cache=None, loss_reduction="mean").
+    """
+
+    model_type = None
+    logit_softcap = None
+
+    def get_device(self):
+        return next(self.parameters()).device
+
+    def logits_or_loss(self, x, targets=None, loss_reduction="mean"):
+        """Final hidden states (B, T, C) -> fp32 logits (B, T, V), or the cross-entropy loss against targets
+        (positions with target -1 are ignored; "none" returns per-token losses of shape (B, T), 0 where ignored)."""
+        logits = self.lm_head(x).float()  # fp32 for the softcap and the loss
+        if self.logit_softcap:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        if targets is None:
+            return logits
+        if loss_reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    def make_kv_cache(self, batch_size, seq_len, device=None, dtype=None):
+        c = self.config
+        return KVCache(batch_size, c.n_kv_head, seq_len, self.head_dim, c.n_layer, device or self.get_device(),
+                       dtype)
+
+    def param_groups(self):
+        """Every parameter in exactly one of: embedding (nn.Embedding weights), lm_head, norms (all 1-D params,
+        i.e. learnable norm weights) and matrices (2-D params inside the blocks)."""
+        embedding = [p for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
+        lm_head = list(self.lm_head.parameters())
+        taken = {id(p) for p in embedding + lm_head}
+        rest = [(n, p) for n, p in self.named_parameters() if id(p) not in taken]
+        odd = [n for n, p in rest if p.ndim > 2]
+        assert not odd, f"parameters with more than 2 dims have no optimizer group: {odd}"
+        groups = {"embedding": embedding, "lm_head": lm_head, "norms": [p for _, p in rest if p.ndim < 2],
+                  "matrices": [p for _, p in rest if p.ndim == 2]}
+        ids = [id(p) for ps in groups.values() for p in ps]
+        assert len(ids) == len(set(ids)) == len(list(self.parameters())), "a parameter is in no group or in two"
+        return groups
+
+    def num_params_by_group(self):
+        counts = {name: sum(p.numel() for p in ps) for name, ps in self.param_groups().items()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    def estimate_flops(self):
+        """FLOPs per token for forward + backward (https://arxiv.org/abs/2204.02311): 6 per non-embedding
+        parameter (2 forward, 4 backward) plus attention scores and values over the full context: per layer,
+        head and key, 2*D (q.k) + 2*D (p.v) forward, times 3 with backward. The embedding is a lookup, no FLOPs."""
+        c = self.config
+        nparams = sum(p.numel() for p in self.parameters())
+        nparams_embedding = sum(p.numel() for p in self.param_groups()["embedding"])
+        return 6 * (nparams - nparams_embedding) + 12 * c.n_layer * c.n_head * self.head_dim * c.sequence_len
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+        """[AdamW for embedding, lm_head and norm weights, Muon for the matrices inside the blocks]."""
+        groups = self.param_groups()
+        # AdamW learning rates were tuned at width 768 (nanochat); scale them by 1/sqrt(width / 768)
+        scale = (self.config.n_embd / 768) ** -0.5
+        print0(f"Scaling the LR for the AdamW parameters by 1/sqrt({self.config.n_embd}/768) = {scale:.6f}")
+        adam_groups = [
+            dict(name="lm_head", params=groups["lm_head"], lr=unembedding_lr * scale),
+            dict(name="embedding", params=groups["embedding"], lr=embedding_lr * scale),
+            # Norm gains start at 1 and Adam moves every weight by ~lr per step: the embedding's 0.2 would swing
+            # them by 20% a step, the small unembedding lr keeps them near 1. No weight decay: it would pull the
+            # gains towards 0, i.e. towards switching the normalised signal off.
+            dict(name="norms", params=groups["norms"], lr=unembedding_lr * scale, weight_decay=0.0),
+        ]
+        adamw = make_adamw([g for g in adam_groups if g["params"]], weight_decay=weight_decay)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        muon_cls = DistMuon if distributed else Muon
+        muon = muon_cls([dict(name="matrices", params=groups["matrices"])], lr=matrix_lr, momentum=0.95)
+        optimizers = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]  # the LR scheduler multiplies this
+        return optimizers
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Sample up to max_tokens continuations of one prompt (list of ids) with a KV cache; yields int ids.
+        Dropout stays on if the model is in training mode: call model.eval() first."""
+        assert isinstance(tokens, list) and len(tokens) > 0, "tokens must be a non-empty list of ints"
+        device = self.get_device()
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(seed)
+        kv_cache = self.make_kv_cache(1, len(tokens) + max_tokens)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids, kv_cache=kv_cache)[:, -1, :]
+            ids = sample_next_token(logits, rng, temperature, top_k)
+            yield ids.item()

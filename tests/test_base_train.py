@@ -1,0 +1,227 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nanochat.checkpoint import checkpoint_dir, find_last_step, load_model, load_rank_state, read_meta
+from nanochat.common import normalize_argv
+from nanochat.models import MODEL_TYPES, build_model, config_from_depth
+from scripts import base_train
+
+TYPES = ["gpt", "alcoholic"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=32", "--device_batch_size=2", "--eval_every=-1",
+        "--eval_tokens=256", "--sample_every=-1"]
+
+
+def read_metrics(ckpt_dir):
+    with open(os.path.join(ckpt_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}, [r for r in records if "val_bpb" in r]
+
+
+def run_script(args, base_dir, **kwargs):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_argv_conventions():
+    assert normalize_argv(["--", "--model-type=alcoholic", "--depth", "4", "--max-seq-len=64"]) == \
+        ["--model_type=alcoholic", "--depth", "4", "--max_seq_len=64"]
+    args = base_train.build_parser().parse_args(normalize_argv(["--model-type", "alcoholic", "--qk-norm=false"]))
+    assert args.model_type == "alcoholic" and args.qk_norm is False
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_train_saves_typed_checkpoint(base_env, model_type, capsys):
+    result = base_train.main([f"--model_type={model_type}", *TINY, "--num_iterations=3"])
+    out = capsys.readouterr().out
+    assert "one micro-batch per step" in out and "tok/s" in out and "eta" in out
+    d = checkpoint_dir("base", f"{model_type}_d1")
+    assert result["checkpoint_dir"] == d and find_last_step(d) == 3
+    meta = read_meta(d, 3)
+    assert meta["model_type"] == model_type and meta["train_args"]["depth"] == 1
+    losses, vals = read_metrics(d)
+    assert sorted(losses) == [0, 1, 2] and vals[-1]["step"] == 3
+    model, _, _ = load_model("base", model_tag=f"{model_type}_d1")
+    assert model.model_type == model_type
+
+
+def test_unknown_model_type_lists_valid(base_env):
+    with pytest.raises(SystemExit, match="valid: gpt, alcoholic"):
+        base_train.main(["--model_type=llama", *TINY, "--num_iterations=1"])
+
+
+def test_override_unknown_for_type(base_env):
+    with pytest.raises(ValueError, match="rope_theta"):
+        base_train.main(["--model_type=gpt", *TINY, "--num_iterations=1", "--rope_theta=5e5"])
+
+
+def test_total_batch_not_divisible(base_env):
+    with pytest.raises(SystemExit, match="not a multiple of .* = 64. Use e.g. --total_batch_size=64"):
+        base_train.main([*TINY, "--num_iterations=1", "--total_batch_size=100"])
+
+
+def test_grad_accumulation_plan(base_env, capsys):
+    base_train.main([*TINY, "--num_iterations=2", "--total_batch_size=128"])
+    assert "x 2 accumulation = 128 tokens/step" in capsys.readouterr().out
+
+
+def test_dry_run_prints_both_types(base_env, capsys):
+    assert base_train.main(["--model_type=alcoholic", "--depth=4", "--dry_run"]) is None
+    out = capsys.readouterr().out
+    assert "[alcoholic (chosen)]" in out and "[gpt]" in out and "FLOPs/token" in out
+    assert out.count("estimated peak memory") == 2 and "matrices=" in out
+    assert not os.path.exists(checkpoint_dir("base", "alcoholic_d4"))
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(base_env, monkeypatch, capsys):
+    calls = {"n": 0}
+    original = MODEL_TYPES["gpt"].model_cls.forward
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        out = original(self, idx, targets, kv_cache, loss_reduction)
+        if targets is not None and loss_reduction == "mean":
+            calls["n"] += 1
+            if calls["n"] == 6:  # training step 5
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(MODEL_TYPES["gpt"].model_cls, "forward", forward)
+    with pytest.raises(SystemExit) as e:
+        base_train.main([*TINY, "--num_iterations=10", "--save_every=2"])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    d = checkpoint_dir("base", "gpt_d1")
+    assert "NaN/inf at step 5" in out and f"last good checkpoint is step 4 in {d}" in out
+    assert find_last_step(d) == 4
+    model, _, meta = load_model("base", model_tag="gpt_d1")
+    assert meta["step"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_oom_prints_concrete_advice(base_env, monkeypatch, capsys):
+    def forward(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(MODEL_TYPES["alcoholic"].model_cls, "forward", forward)
+    with pytest.raises(SystemExit) as e:
+        base_train.main(["--model_type=alcoholic", *TINY, "--num_iterations=2"])
+    assert e.value.code == 2
+    out = capsys.readouterr().out
+    assert "Reduce --device_batch_size (e.g. 2 -> 1)" in out and "Reduce --depth" in out
+    assert "Next try: python -m scripts.base_train --model_type=alcoholic --depth=1 --device_batch_size=1" in out
+    assert "Alcoholic uses more memory" in out
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_validation_bpb_decreases(base_env, model_type):
+    base_train.main([f"--model_type={model_type}", "--depth=2", "--head_dim=32", "--max_seq_len=64",
+                     "--device_batch_size=4", "--num_iterations=40", "--eval_every=20", "--eval_tokens=2048",
+                     "--sample_every=-1"])
+    _, vals = read_metrics(checkpoint_dir("base", f"{model_type}_d2"))
+    bpb = [v["val_bpb"] for v in vals]
+    assert [v["step"] for v in vals] == [0, 20, 40]
+    assert bpb[0] > bpb[1] > bpb[2] and bpb[2] < 0.8 * bpb[0], bpb
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_sigkill_then_resume_is_bitwise_identical(base_env, model_type):
+    args = [f"--model_type={model_type}", *TINY, "--num_iterations=80", "--save_every=5"]
+    ref = run_script([*args, "--model_tag=ref"], base_env)
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+    ref_losses, _ = read_metrics(checkpoint_dir("base", "ref"))
+
+    d = checkpoint_dir("base", "victim")
+    victim = run_script([*args, "--model_tag=victim"], base_env)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a checkpoint exists and training went on past it
+        metrics = os.path.join(d, "metrics.jsonl")
+        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 17:
+            break
+        assert victim.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = find_last_step(d)
+    assert 5 <= killed_at < 80
+
+    resumed = run_script([*args, "--model_tag=victim", "--resume"], base_env)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"Resuming {d} from step {killed_at}" in out
+    losses, _ = read_metrics(d)
+    assert sorted(losses) == list(range(80))
+    assert losses == ref_losses  # bitwise: floats compared exactly
+    a, _, _ = load_model("base", model_tag="ref")
+    b, _, _ = load_model("base", model_tag="victim")
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), k
+
+
+def test_resume_with_other_type_is_refused(base_env):
+    base_train.main(["--model_type=alcoholic", *TINY, "--num_iterations=2", "--model_tag=x"])
+    with pytest.raises(Exception, match="holds a 'alcoholic' model, but --model_type=gpt"):
+        base_train.main(["--model_type=gpt", *TINY, "--num_iterations=4", "--model_tag=x", "--resume"])
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_ddp_two_ranks_equals_single_process(base_env, model_type):
+    """torchrun with 2 gloo ranks == one process that averages the gradients of the same two rank streams."""
+    from nanochat.dataloader import DataLoader
+    from nanochat.tokenizer import get_tokenizer
+
+    steps = 4
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_env), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.base_train", "--", f"--model_type={model_type}", *TINY, f"--num_iterations={steps}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = checkpoint_dir("base", f"{model_type}_d1")
+    assert read_meta(d, steps)["world_size"] == 2
+    states = [load_rank_state(d, steps, r)["dataloader"] for r in (0, 1)]
+    assert states[0]["rank"] == 0 and states[1]["rank"] == 1 and states[0]["cur_pos"] != states[1]["cur_pos"]
+
+    # the same training, in one process
+    args = base_train.build_parser().parse_args(normalize_argv([f"--model_type={model_type}", *TINY]))
+    tokenizer = get_tokenizer()
+    torch.manual_seed(args.seed)
+    config = config_from_depth(model_type, 1, 32, tokenizer.get_vocab_size(), head_dim=32)
+    model = build_model(model_type, config)
+    optimizers = model.setup_optimizers()
+    loaders = [DataLoader(2, 32, "train", tokenizer=tokenizer, rank=r, world_size=2) for r in (0, 1)]
+    first = [next(loader) for loader in loaders]
+    assert not torch.equal(first[0][0], first[1][0])  # the ranks see different data
+    for step in range(steps):
+        for x, y in first if step == 0 else [next(loader) for loader in loaders]:
+            (model(x, y) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * base_train.lr_multiplier(step, steps, args)
+                if "momentum" in group:
+                    group["momentum"] = base_train.muon_momentum(step)
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    ddp_model, _, _ = load_model("base", model_tag=f"{model_type}_d1")
+    for (k, p), q in zip(model.state_dict().items(), ddp_model.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", TYPES)
+def test_guide_small_model_command(base_env, model_type):
+    """The guide's 'Small Model (Learning)' command, unchanged (python -m form)."""
+    proc = run_script([f"--model_type={model_type}", "--depth=4", "--device_batch_size=1", "--num_iterations=50"],
+                      base_env)
+    out, _ = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, out
+    d = checkpoint_dir("base", f"{model_type}_d4")
+    assert read_meta(d, 50)["model_type"] == model_type

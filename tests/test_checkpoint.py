@@ -1,0 +1,135 @@
+import json
+import os
+
+import pytest
+import torch
+
+from nanochat.checkpoint import (CheckpointError, checkpoint_dir, find_largest_model_tag, find_last_step,
+                                 list_model_tags, load_model, read_meta, record_metrics, save_checkpoint)
+from nanochat.models import build_model, config_from_depth
+from nanochat.tokenizer import get_tokenizer
+
+TYPES = ["gpt", "alcoholic"]
+
+
+def make_model(model_type, depth=2, vocab_size=512, seed=0):
+    torch.manual_seed(seed)
+    config = config_from_depth(model_type, depth, max_seq_len=32, vocab_size=vocab_size, head_dim=32)
+    model = build_model(model_type, config)
+    with torch.no_grad():  # move zero-initialised projections off zero so a wrong load would show
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def save(model, tag, step=5, source="base", rank_state=None):
+    meta = {"tokenizer_hash": get_tokenizer().hash, "train_args": {"depth": model.config.n_layer}}
+    d = checkpoint_dir(source, tag)
+    save_checkpoint(d, step, model, meta, rank_state=rank_state)
+    return d
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_roundtrip_picks_class_from_meta(base_env, model_type):
+    model = make_model(model_type)
+    d = save(model, f"{model_type}_d2", rank_state={"x": torch.arange(3)})
+    assert sorted(os.listdir(d)) == ["meta_000005.json", "model_000005.safetensors", "optim_000005_rank0.pt"]
+    loaded, tokenizer, meta = load_model("base", model_tag=f"{model_type}_d2")  # no model_type given
+    assert type(loaded) is type(model) and meta["model_type"] == model_type and meta["step"] == 5
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    idx = torch.randint(0, 512, (2, 16))
+    assert torch.equal(model.eval()(idx), loaded(idx))
+    assert not loaded.training
+
+
+def test_wrong_model_type_is_a_clear_error(base_env):
+    d = save(make_model("alcoholic"), "alcoholic_d2")
+    with pytest.raises(CheckpointError) as e:
+        load_model("base", model_tag="alcoholic_d2", model_type="gpt")
+    msg = str(e.value)
+    assert "'alcoholic'" in msg and "--model_type=gpt" in msg and d in msg and "--model_type=alcoholic" in msg
+
+
+def test_largest_tag_per_type(base_env):
+    save(make_model("gpt", depth=1), "gpt_d1")
+    save(make_model("gpt", depth=2), "gpt_d2")
+    save(make_model("alcoholic", depth=1), "alcoholic_d1")
+    assert list_model_tags("base") == ["alcoholic_d1", "gpt_d1", "gpt_d2"]
+    assert find_largest_model_tag("base") == "gpt_d2"
+    assert find_largest_model_tag("base", "alcoholic") == "alcoholic_d1"
+    model, _, meta = load_model("base", model_type="alcoholic")
+    assert meta["model_tag"] == "alcoholic_d1" and model.model_type == "alcoholic"
+    with pytest.raises(CheckpointError, match="no gpt checkpoint"):
+        find_largest_model_tag("sft", "gpt")
+
+
+def test_incomplete_step_is_ignored(base_env):
+    model = make_model("gpt")
+    d = save(model, "t", step=3)
+    save(model, "t", step=6)
+    os.remove(os.path.join(d, "meta_000006.json"))  # as if the process died before writing meta
+    assert find_last_step(d) == 3
+    _, _, meta = load_model("base", model_tag="t")
+    assert meta["step"] == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_weights_are_reported_not_loaded(base_env, damage):
+    d = save(make_model("gpt"), "t")
+    path = os.path.join(d, "model_000005.safetensors")
+    data = bytearray(open(path, "rb").read())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-100] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted or truncated") as e:
+        load_model("base", model_tag="t")
+    assert path in str(e.value)
+
+
+def test_invalid_safetensors_without_hash(base_env):
+    d = save(make_model("gpt"), "t")
+    meta_path = os.path.join(d, "meta_000005.json")
+    meta = json.load(open(meta_path))
+    del meta["model_sha256"]
+    json.dump(meta, open(meta_path, "w"))
+    path = os.path.join(d, "model_000005.safetensors")
+    open(path, "wb").write(open(path, "rb").read()[:50])
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        load_model("base", model_tag="t")
+
+
+def test_config_keys_mismatch(base_env):
+    d = save(make_model("gpt", depth=2), "t")
+    meta_path = os.path.join(d, "meta_000005.json")
+    meta = json.load(open(meta_path))
+    meta["model_config"]["n_layer"] = 3
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(CheckpointError) as e:
+        load_model("base", model_tag="t")
+    assert "missing" in str(e.value) and "transformer.h.2" in str(e.value) and d in str(e.value)
+
+
+def test_tokenizer_hash_mismatch(base_env):
+    d = save(make_model("gpt"), "t")
+    meta_path = os.path.join(d, "meta_000005.json")
+    meta = json.load(open(meta_path))
+    meta["tokenizer_hash"] = "0" * 64
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(CheckpointError, match="tokenizer 000000000000"):
+        load_model("base", model_tag="t")
+
+
+def test_record_metrics_merges(base_env):
+    d = save(make_model("gpt"), "t")
+    record_metrics("base", "t", None, {"core": 0.1})
+    record_metrics("base", "t", 5, {"arc": 0.3})
+    assert read_meta(d, 5)["metrics"] == {"core": 0.1, "arc": 0.3}
+
+
+def test_missing_tag_lists_available(base_env):
+    save(make_model("gpt"), "gpt_d2")
+    with pytest.raises(CheckpointError, match="available under .*: gpt_d2"):
+        load_model("base", model_tag="nope")
