@@ -23,7 +23,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from nanochat.common import atomic_write_bytes, get_base_dir, logger
-from nanochat.models import MODEL_TYPES, build_model, config_from_dict, config_to_dict
+from nanochat.models import MODEL_TYPES, config_from_dict, config_to_dict
 
 FORMAT_VERSION = 1
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",

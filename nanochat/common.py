@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 
 class _ColoredFormatter(logging.Formatter):
-    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[35m"}
+    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m",
+              "CRITICAL": "\033[35m"}
 
     def format(self, record):
         msg = super().format(record)

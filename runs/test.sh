@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source runs/setup_env.sh
+# The browser test drives Debian's Chromium; install it when missing (it is skipped, saying why, if that fails)
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing chromium for the browser test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "[setup] chromium could not be installed: the browser test will be skipped"
+fi
 ARGS=()
 if [ "${1:-}" = "--slow" ]; then shift; ARGS+=(-m "slow or not slow"); fi
 set +e

@@ -18,10 +18,28 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanochat.checkpoint import (CheckpointError, checkpoint_dir, default_model_tag, find_last_step,
-                                 load_model_from_dir, load_rank_state, read_meta, save_checkpoint)
-from nanochat.common import (DummyWandb, autocast_ctx, compute_cleanup, compute_init, get_base_dir, get_peak_flops,
-                             logger, parse_args, print0, str2bool, synchronize)
+from nanochat.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    default_model_tag,
+    find_last_step,
+    load_model_from_dir,
+    load_rank_state,
+    save_checkpoint,
+)
+from nanochat.common import (
+    DummyWandb,
+    autocast_ctx,
+    compute_cleanup,
+    compute_init,
+    get_base_dir,
+    get_peak_flops,
+    logger,
+    parse_args,
+    print0,
+    str2bool,
+    synchronize,
+)
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.models import MODEL_TYPES, build_model, config_fields, config_from_depth

@@ -158,46 +158,54 @@ def decode_without_cache(model, prompt, max_tokens):
 
 
 def cmd_decode(args):
-    """Greedy decoding speed on CPU in fp32: Engine with the KV cache (1 and --num_samples rows) vs no cache."""
+    """Greedy decoding speed on CPU in fp32: Engine with the KV cache (1 and --num_samples rows) vs no cache.
+    Measurements are interleaved over --repeats rounds and the fastest of each is kept, which filters out
+    slowdowns from other processes on the machine."""
     from nanochat.engine import Engine
     from nanochat.models import build_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"CPU fp32, torch threads {torch.get_num_threads()}; depth {args.depth}, vocab {args.vocab_size}, "
           f"prompt {args.prompt_len} tokens, {args.max_tokens} new tokens (best of {args.repeats})")
+    prompt = torch.randint(0, args.vocab_size, (args.prompt_len,)).tolist()
+    runs, models = {}, {}
+    for model_type in MODEL_TYPES:
+        config = config_from_depth(model_type, args.depth, args.prompt_len + args.max_tokens, args.vocab_size)
+        model = models[model_type] = build_model(model_type, config, device="cpu").eval()
+        engine = Engine(model, _NoStopTokenizer(args.vocab_size))
+
+        def run_engine(rows, engine=engine):
+            return [c[0] for c, _ in engine.generate(prompt, num_samples=rows, max_tokens=args.max_tokens,
+                                                     temperature=0.0)]
+
+        runs[model_type] = {"kv": lambda f=run_engine: f(1), "full": lambda m=model: decode_without_cache(
+            m, prompt, args.max_tokens), "rows": lambda f=run_engine: f(args.num_samples)}
+        runs[model_type]["kv"]()  # warmup
+    best, tokens = {}, {}
+    for _ in range(args.repeats):
+        for model_type, fns in runs.items():
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                result = fn()
+                dt = time.perf_counter() - t0
+                best[model_type, name] = min(dt, best.get((model_type, name), float("inf")))
+                tokens[model_type, name] = result
+
     header = (f"{'model':<14} {'params':>8} {'engine+KV tok/s':>16} {'no cache tok/s':>15} {'speedup':>8} "
               f"{f'engine x{args.num_samples} tok/s':>17} {'same tokens':>12}")
     print(header)
     print("-" * len(header))
-    for model_type in MODEL_TYPES:
-        config = config_from_depth(model_type, args.depth, args.prompt_len + args.max_tokens, args.vocab_size)
-        model = build_model(model_type, config, device="cpu").eval()
-        engine = Engine(model, _NoStopTokenizer(args.vocab_size))
-        prompt = torch.randint(0, args.vocab_size, (args.prompt_len,)).tolist()
-
-        def best(fn):
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                result = fn()
-                times.append(time.perf_counter() - t0)
-            return min(times), result
-
-        def run_engine(rows):
-            return [c[0] for c, _ in engine.generate(prompt, num_samples=rows, max_tokens=args.max_tokens,
-                                                     temperature=0.0)]
-
-        run_engine(1)  # warmup
-        t_kv, kv_tokens = best(lambda: run_engine(1))
-        t_full, full_tokens = best(lambda: decode_without_cache(model, prompt, args.max_tokens))
-        t_rows, _ = best(lambda: run_engine(args.num_samples))
-        n = args.max_tokens
+    n = args.max_tokens
+    for model_type, model in models.items():
+        t_kv, t_full, t_rows = (best[model_type, k] for k in ("kv", "full", "rows"))
+        same = tokens[model_type, "kv"] == tokens[model_type, "full"]
         params = human(sum(p.numel() for p in model.parameters()))
         print(f"{f'{model_type} d{args.depth}':<14} {params:>8} {n / t_kv:>16,.1f} {n / t_full:>15,.1f} "
-              f"{t_full / t_kv:>7.1f}x {n * args.num_samples / t_rows:>17,.1f} "
-              f"{'yes' if kv_tokens == full_tokens else 'NO':>12}", flush=True)
-    print("tok/s counts new tokens including the prompt's prefill; 'same tokens': cached and uncached greedy "
-          "decoding agree")
+              f"{t_full / t_kv:>7.1f}x {n * args.num_samples / t_rows:>17,.1f} {'yes' if same else 'NO':>12}")
+    print("tok/s: new tokens per second, the prompt's prefill included; 'same tokens': greedy decoding with and "
+          "without the cache agree")
 
 
 def main(argv=None):
@@ -215,11 +223,13 @@ def main(argv=None):
     p.set_defaults(func=cmd_data)
     p = sub.add_parser("decode", help="Engine decoding tok/s with the KV cache vs full recompute (CPU, fp32)")
     p.add_argument("--depth", type=int, default=4, help="config_from_depth depth of both models")
-    p.add_argument("--vocab_size", type=int, default=65536)
+    p.add_argument("--vocab_size", type=int, default=4096, help="the CPU quickstart's vocab")
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--max_tokens", type=int, default=128, help="new tokens per run")
     p.add_argument("--num_samples", type=int, default=4, help="rows decoded together from one prefill")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (the fastest is reported)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of measurements (the fastest is reported)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default); 1 is steadiest on a busy machine")
     p.set_defaults(func=cmd_decode)
     args = parse_args(parser, argv)
     args.func(args)

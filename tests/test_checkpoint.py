@@ -4,8 +4,17 @@ import os
 import pytest
 import torch
 
-from nanochat.checkpoint import (CheckpointError, checkpoint_dir, find_largest_model_tag, find_last_step,
-                                 list_model_tags, load_model, read_meta, record_metrics, save_checkpoint)
+from nanochat.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    find_largest_model_tag,
+    find_last_step,
+    list_model_tags,
+    load_model,
+    read_meta,
+    record_metrics,
+    save_checkpoint,
+)
 from nanochat.models import build_model, config_from_depth
 from nanochat.tokenizer import get_tokenizer
 

@@ -1,0 +1,101 @@
+"""
+CORE evaluation of a base (or mid/sft) checkpoint: per-task accuracy and centered accuracy, then CORE.
+
+    python -m scripts.base_eval                                  # the largest base model
+    python -m scripts.base_eval --model_type=alcoholic --max_per_task=100
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --model_tag=gpt_d20
+
+Bundle: --bundle_dir if given, else $NANOCHAT_BASE_DIR/eval_bundle, else the official bundle is downloaded there,
+else (offline) the small bundle shipped in data/eval_bundle, whose CORE is not comparable to published numbers.
+Results: $NANOCHAT_BASE_DIR/base_eval/{model_tag}_{step}.csv and the checkpoint's metrics (meta file).
+"""
+
+import argparse
+import csv
+import io
+import os
+
+import torch.distributed as dist
+
+from nanochat import checkpoint
+from nanochat.common import (
+    atomic_write_bytes,
+    autocast_ctx,
+    compute_cleanup,
+    compute_init,
+    get_base_dir,
+    parse_args,
+    print0,
+)
+from nanochat.core_eval import CORE_TASKS, evaluate_core, load_bundle, resolve_bundle
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="CORE metric (DCLM) of a checkpoint",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", default="base", help=f"checkpoint family: {', '.join(checkpoint.SOURCE_DIRS)}")
+    p.add_argument("--model_tag", default=None, help="checkpoint folder; None = the largest model")
+    p.add_argument("--model_type", default=None, help="with no --model_tag: the largest model of this type")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step; None = the last")
+    p.add_argument("--max_per_task", type=int, default=-1, help="items per task (-1 = all); a quick-look knob")
+    p.add_argument("--bundle_dir", default=None, help="a local eval bundle (core.yaml, eval_meta_data.csv, eval_data/)")
+    p.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
+    return parse_args(p, argv)
+
+
+def write_csv(path, out):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["Task", "Accuracy", "Centered"])
+    for label, acc in out["results"].items():
+        w.writerow([label, f"{acc:.6f}", f"{out['centered'][label]:.6f}"])
+    w.writerow(["CORE", "", f"{out['core']:.6f}"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, _, _, device = compute_init(args.device_type)
+    model, tokenizer, meta = checkpoint.load_model(args.source, device, phase="eval", model_tag=args.model_tag,
+                                                   step=args.step, model_type=args.model_type)
+    model_tag, step = meta["model_tag"], meta["step"]
+    print0(f"Evaluating {args.source} checkpoint {model_tag} step {step} ({meta['model_type']})")
+
+    # rank 0 alone may download; the others then find the same folder (or fall back to the same offline bundle)
+    if rank == 0:
+        bundle_dir, kind = resolve_bundle(args.bundle_dir)
+    if ddp:
+        dist.barrier()
+    if rank != 0:
+        bundle_dir, kind = resolve_bundle(args.bundle_dir, allow_download=False)
+    labels = [t["label"] for t in load_bundle(bundle_dir)]
+    n_core = len(set(labels) & set(CORE_TASKS))
+    note = f"offline bundle: {n_core} of {len(CORE_TASKS)} tasks" if kind == "offline" else \
+        f"{kind} bundle: {n_core} of {len(CORE_TASKS)} tasks"
+    print0(f"CORE bundle: {bundle_dir} ({note})")
+
+    with autocast_ctx(device.type):
+        out = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=args.max_per_task)
+    partial = kind == "offline" or n_core < len(CORE_TASKS) or args.max_per_task > 0
+    print0(f"CORE: {out['core']:.4f}" + (f"  ({note}{', subsampled' if args.max_per_task > 0 else ''}; "
+                                          f"not comparable to the full benchmark)" if partial else ""))
+
+    if rank == 0:
+        csv_path = os.path.join(get_base_dir(), "base_eval", f"{model_tag}_{step}.csv")
+        write_csv(csv_path, out)
+        print0(f"wrote {csv_path}")
+        metrics = {"core": out["core"], "core_tasks": {k: {"accuracy": v, "centered": out["centered"][k]}
+                                                       for k, v in out["results"].items()},
+                   "core_bundle": note + (f", max_per_task={args.max_per_task}" if args.max_per_task > 0 else "")}
+        if hasattr(checkpoint, "record_metrics"):
+            checkpoint.record_metrics(args.source, model_tag, step, metrics)
+            print0(f"recorded CORE in the metrics of {model_tag} step {step}")
+        else:
+            print0("nanochat.checkpoint has no record_metrics(): CORE was not recorded in the checkpoint")
+    compute_cleanup()
+    return out
+
+
+if __name__ == "__main__":
+    main()

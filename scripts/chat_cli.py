@@ -1,0 +1,147 @@
+"""
+Chat with a model in the terminal.
+
+    python -m scripts.chat_cli                           # the largest sft model, interactive
+    python -m scripts.chat_cli -i mid --model_tag=alcoholic_d4
+    python -m scripts.chat_cli -p "Why is the sky blue?"   # one reply, then exit
+    python -m scripts.chat_cli -i base -p "The capital of France is"   # base models complete text
+
+Interactive commands: `clear` starts a new conversation, `quit` or `exit` (or Ctrl-D) ends.
+"""
+
+import argparse
+
+from nanochat.checkpoint import load_model
+from nanochat.common import autocast_ctx, compute_init, parse_args
+from nanochat.engine import Engine
+from nanochat.models import MODEL_TYPES
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Chat with a model in the terminal",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=["sft", "mid", "rl", "base"],
+                        help="checkpoint source; base models complete text instead of chatting")
+    parser.add_argument("--model_type", type=str, default=None, choices=list(MODEL_TYPES),
+                        help="restrict the default model to this type; checked against the checkpoint")
+    parser.add_argument("-g", "--model_tag", type=str, default=None, help="e.g. gpt_d4; None: the largest")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step; None: the last")
+    parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 is greedy")
+    parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")
+    parser.add_argument("-m", "--max_tokens", type=int, default=512, help="max tokens per reply")
+    parser.add_argument("--device_type", type=str, default="", help="cuda|cpu|mps; empty: autodetect")
+    return parser
+
+
+def tokens_to_parts(tokenizer, tokens):
+    """An assistant reply as conversation parts (text / python / python_output), so that rendering the history
+    again gives the model back its tool calls and their results as special tokens, not as text."""
+    special = {tokenizer.encode_special(s): s for s in
+               ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+    starts = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
+    parts, kind, current = [], "text", []
+
+    def close():
+        if current or kind != "text":
+            parts.append({"type": kind, "text": tokenizer.decode(current)})
+
+    for token in tokens:
+        name = special.get(token)
+        if name in starts:
+            close()
+            kind, current = starts[name], []
+        elif name is not None:  # an end marker
+            close()
+            kind, current = "text", []
+        else:
+            current.append(token)
+    close()
+    return parts
+
+
+def stream_reply(engine, prompt, args, ends):
+    """Print the reply as it is generated; returns its tokens (without the ending token)."""
+    tokenizer = engine.tokenizer
+    tokens, pending = [], []
+    with autocast_ctx(engine.model.get_device().type):
+        for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
+                                         temperature=args.temperature, top_k=args.top_k):
+            token = column[0]
+            if token in ends:
+                break
+            tokens.append(token)
+            pending.append(token)
+            text = tokenizer.decode(pending)
+            if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
+                print(text, end="", flush=True)
+                pending = []
+    if pending:
+        print(tokenizer.decode(pending), end="", flush=True)
+    print(flush=True)
+    return tokens
+
+
+def reply(engine, messages, args, chat):
+    """One turn: render the prompt, check it fits, stream the reply. Returns the reply's tokens, or None."""
+    tokenizer = engine.tokenizer
+    if chat:
+        prompt = tokenizer.render_for_completion({"messages": messages})
+    else:
+        prompt = tokenizer.encode(messages[-1]["content"], prepend=tokenizer.get_bos_token_id())
+    context = engine.model.config.sequence_len
+    if len(prompt) >= context:
+        print(f"[the prompt is {len(prompt)} tokens but the model's context is {context}; "
+              f"{'type clear to start over' if chat else 'shorten it'}]")
+        return None
+    ends = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    return stream_reply(engine, prompt, args, ends)
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    _, _, _, _, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+                                        model_type=args.model_type)
+    engine = Engine(model, tokenizer)
+    chat = args.source != "base"
+    print(f"{meta['model_tag']} ({meta['model_type']}, {args.source}, step {meta['step']}) on {device}")
+    if not chat:
+        print("Note: a base model has not learned the chat format; it continues your text as a document.")
+
+    messages = []
+    if args.prompt:
+        messages.append({"role": "user", "content": args.prompt})
+        reply(engine, messages, args, chat)
+        return
+    print("Type a message; 'clear' starts over, 'quit' or 'exit' ends.")
+    while True:
+        try:
+            text = input("\nUser: " if chat else "\nText: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if text.lower() in ("quit", "exit"):
+            break
+        if text.lower() == "clear":
+            messages = []
+            print("[new conversation]")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        if chat:
+            print("\nAssistant: ", end="", flush=True)
+        try:
+            tokens = reply(engine, messages, args, chat)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            print("\n[interrupted]")
+            tokens = None
+        if tokens is None or not chat:
+            messages.pop()  # base models complete each text on its own; a failed turn is not kept
+        else:
+            messages.append({"role": "assistant", "content": tokens_to_parts(tokenizer, tokens)})
+
+
+if __name__ == "__main__":
+    main()

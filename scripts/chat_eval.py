@@ -1,0 +1,218 @@
+"""
+Evaluate a checkpoint on the chat tasks: ARC-Easy, ARC-Challenge, MMLU (multiple choice), GSM8K, HumanEval,
+SpellingBee (generated answers).
+
+Multiple choice is scored from the logits: the prompt ends with <|assistant_start|>, and the answer is the choice
+letter with the highest logit at that position (only the letters offered count), so base models can be scored
+too. Generative tasks sample a reply with the Engine (calculator tool included) and check it.
+With more than one task, ChatCORE is the mean accuracy centered on chance: 0 = random, 1 = perfect.
+
+Examples:
+python -m scripts.chat_eval -i sft -a ARC-Easy
+python -m scripts.chat_eval -i base --model_tag=gpt_d4 -a "ARC-Easy|GSM8K" --max_problems=20
+torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
+"""
+
+import argparse
+import sys
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_dist_info, parse_args, print0
+from tasks.arc import ARC
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.spellingbee import SpellingBee
+
+# task name -> (constructor, accuracy of random guessing)
+TASKS = {
+    "ARC-Easy": (partial(ARC, subset="ARC-Easy", split="test"), 0.25),  # 4-way multiple choice
+    "ARC-Challenge": (partial(ARC, subset="ARC-Challenge", split="test"), 0.25),
+    "MMLU": (partial(MMLU, subset="all", split="test"), 0.25),
+    "GSM8K": (partial(GSM8K, subset="main", split="test"), 0.0),  # open-ended: guessing gets nothing
+    "HumanEval": (HumanEval, 0.0),
+    "SpellingBee": (partial(SpellingBee, size=256, split="test"), 0.0),
+}
+
+
+def _all_reduce_counts(passed, total, device):
+    """Sum (passed, total) over ranks when running under torchrun."""
+    ddp, _, _, _ = get_dist_info()
+    if not (ddp and dist.is_initialized()):
+        return passed, total
+    counts = torch.tensor([passed, total], dtype=torch.long, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return int(counts[0]), int(counts[1])
+
+
+def _num_problems(task, max_problems):
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    if n <= 0:
+        raise ValueError(f"nothing to evaluate: the task has {len(task)} problems and --max_problems={max_problems}")
+    return n
+
+
+def letter_token_ids(tokenizer, letters, cache):
+    ids = []
+    for letter in letters:
+        if letter not in cache:
+            encoded = tokenizer.encode(letter)
+            if len(encoded) != 1:
+                raise ValueError(f"choice label {letter!r} encodes to {len(encoded)} tokens {encoded}; categorical "
+                                 "evaluation needs every label to be a single token")
+            cache[letter] = encoded[0]
+        ids.append(cache[letter])
+    return ids
+
+
+@torch.no_grad()
+def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None):
+    """Accuracy from the logits over the offered letters at the answer position. Ranks take turns on batches."""
+    _, rank, _, world_size = get_dist_info()
+    device = model.get_device()
+    bos = tokenizer.get_bos_token_id()  # padding on the right: a causal model never looks at it
+    context = model.config.sequence_len
+    num_problems = _num_problems(task, max_problems)
+    letter_cache, passed, total, truncated = {}, 0, 0, 0
+    for b in range(rank, -(-num_problems // batch_size), world_size):
+        conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, num_problems))]
+        prompts = []
+        for conversation in conversations:
+            ids = tokenizer.render_for_completion(conversation)
+            if len(ids) > context:  # keep the end: the choices, the instruction and <|assistant_start|>
+                ids, truncated = ids[-context:], truncated + 1
+            prompts.append(ids)
+        width = max(len(ids) for ids in prompts)
+        batch = torch.tensor([ids + [bos] * (width - len(ids)) for ids in prompts], dtype=torch.long, device=device)
+        with autocast_ctx(device.type):
+            logits = model(batch)  # (B, T, V)
+        for row, (conversation, ids) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            choice_logits = logits[row, len(ids) - 1, letter_token_ids(tokenizer, letters, letter_cache)]
+            predicted = letters[int(choice_logits.argmax())]
+            passed += int(bool(task.evaluate(conversation, predicted)))
+            total += 1
+    if truncated:
+        print(f"Rank {rank}: {truncated} prompts were longer than the model's context ({context}) and were cut "
+              "from the left")
+    passed, total = _all_reduce_counts(passed, total, device)
+    print0(f"Final: {passed}/{total} ({100 * passed / total:.2f}%)")
+    return passed / total
+
+
+def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_tokens=512, temperature=0.0,
+                        top_k=50, max_problems=None):
+    """pass@num_samples: a problem counts as solved when any of its samples is correct. Ranks take turns."""
+    _, rank, _, world_size = get_dist_info()
+    device = model.get_device()
+    context = model.config.sequence_len
+    num_problems = _num_problems(task, max_problems)
+    passed, total, too_long = 0, 0, 0
+    for i in range(rank, num_problems, world_size):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        total += 1
+        if len(prompt) >= context:  # no room to answer: counts as a failure
+            too_long += 1
+            continue
+        with autocast_ctx(device.type):
+            results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                               temperature=temperature, top_k=top_k, seed=i)
+        completions = [tokenizer.decode(tokens[len(prompt):]) for tokens in results]
+        passed += int(any(task.evaluate(conversation, completion) for completion in completions))
+        if sys.stdout.isatty():
+            print(f"\r\033[KRank {rank} | {passed}/{total} ({100 * passed / total:.2f}%)", end="", flush=True)
+    if sys.stdout.isatty():
+        print()
+    if too_long:
+        print(f"Rank {rank}: {too_long} prompts did not fit the model's context ({context}) and count as failures")
+    passed, total = _all_reduce_counts(passed, total, device)
+    print0(f"Final: {passed}/{total} ({100 * passed / total:.2f}%)")
+    return passed / total
+
+
+def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
+                  temperature=0.0, top_k=50, max_problems=None):
+    if task_name not in TASKS:
+        raise ValueError(f"unknown task {task_name!r}; valid: {'|'.join(TASKS)}")
+    task = TASKS[task_name][0]()
+    if task.eval_type == "categorical":
+        return run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
+    if task.eval_type == "generative":
+        return run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature,
+                                   top_k, max_problems)
+    raise ValueError(f"{task_name}: unsupported eval_type {task.eval_type!r} (expected categorical|generative)")
+
+
+def chatcore(results):
+    """Mean of the accuracies centered on chance: (acc - baseline) / (1 - baseline)."""
+    centered = [(acc - TASKS[name][1]) / (1.0 - TASKS[name][1]) for name, acc in results.items()]
+    return sum(centered) / len(centered)
+
+
+def main(argv=None):
+    formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"],
+                        help="which checkpoints to evaluate")
+    parser.add_argument("-a", "--task_name", default=None,
+                        help=f"one task or several separated by |; None = all of {'|'.join(TASKS)}")
+    parser.add_argument("-g", "--model_tag", default=None, help="checkpoint folder, e.g. gpt_d4; None = the largest")
+    parser.add_argument("--model_type", default=None, help="gpt|alcoholic: pick the largest tag of this type")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step; None = the last")
+    parser.add_argument("-x", "--max_problems", type=int, default=None, help="first N problems per task; None = all")
+    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")
+    parser.add_argument("-n", "--num_samples", type=int, default=1, help="samples per generative problem (pass@n)")
+    parser.add_argument("-m", "--max_new_tokens", type=int, default=512, help="longest generated answer")
+    parser.add_argument("-b", "--batch_size", type=int, default=8, help="problems per forward pass (categorical)")
+    parser.add_argument("--device_type", default="", help="cuda|mps|cpu; empty = autodetect")
+    args = parse_args(parser, argv)
+    task_names = list(TASKS) if args.task_name is None else [t.strip() for t in args.task_name.split("|")]
+    for name in task_names:
+        if name not in TASKS:
+            parser.error(f"unknown task {name!r}; valid: {'|'.join(TASKS)}")
+
+    from nanochat.checkpoint import CheckpointError, load_model
+    from nanochat.engine import Engine
+
+    ddp, rank, _, _, device = compute_init(args.device_type)
+    try:
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
+                                            step=args.step, model_type=args.model_type)
+    except CheckpointError as e:
+        print(f"chat_eval: {e}", file=sys.stderr)
+        compute_cleanup()
+        sys.exit(1)
+    print0(f"Evaluating {meta.get('checkpoint_dir', args.source)} step {meta.get('step')} "
+           f"({meta.get('model_type')}) on {', '.join(task_names)}")
+    engine = Engine(model, tokenizer)
+
+    results = {}
+    for name in task_names:
+        results[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=args.batch_size,
+                                      num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, top_k=args.top_k,
+                                      max_problems=args.max_problems)
+        print0(f"{name} accuracy: {100 * results[name]:.2f}%")
+    metrics = {}
+    for name, acc in results.items():
+        metrics[f"chat_eval/{name}"] = acc
+        metrics[f"chat_eval/{name}/max_problems"] = args.max_problems  # None: the whole task
+    if len(results) > 1:
+        metrics["chat_eval/ChatCORE"] = chatcore(results)
+        print0(f"ChatCORE metric: {metrics['chat_eval/ChatCORE']:.4f}")
+    if rank == 0:
+        import nanochat.checkpoint as checkpoint
+
+        if hasattr(checkpoint, "record_metrics"):
+            checkpoint.record_metrics(args.source, meta["model_tag"], meta["step"], metrics)
+    compute_cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()
