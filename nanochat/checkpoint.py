@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from nanochat.common import atomic_write_bytes, get_base_dir, logger
+from nanochat.common import UserError, atomic_write_bytes, get_base_dir, logger
 from nanochat.models import MODEL_TYPES, config_from_dict, config_to_dict
 
 FORMAT_VERSION = 1
@@ -32,7 +32,7 @@ TRAIN_COMMANDS = {"base": "python -m scripts.base_train", "mid": "python -m scri
                   "sft": "python -m scripts.chat_sft", "rl": "python -m scripts.chat_rl"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used as asked; the message says where, what was expected and what was found."""
 
 

@@ -211,3 +211,17 @@ def str2bool(value):
     if v in ("0", "false", "no", "n", "off"):
         return False
     raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix (wrong flag, missing or mismatched checkpoint, ...): scripts print the message,
+    which says what to do, without a traceback."""
+
+
+def run_cli(main):
+    """Entry point of a script: run main(), turning UserError into a one-line message and exit status 1."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

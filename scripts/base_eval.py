@@ -26,6 +26,7 @@ from nanochat.common import (
     get_base_dir,
     parse_args,
     print0,
+    run_cli,
 )
 from nanochat.core_eval import CORE_TASKS, evaluate_core, load_bundle, resolve_bundle
 
@@ -98,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,7 +7,7 @@ Bits per byte of a checkpoint on the train and validation splits, plus a few sam
 import argparse
 
 from nanochat.checkpoint import load_model, record_metrics
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, parse_args, print0
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, parse_args, print0, run_cli
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -57,4 +57,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -37,6 +37,7 @@ from nanochat.common import (
     logger,
     parse_args,
     print0,
+    run_cli,
     str2bool,
     synchronize,
 )
@@ -515,4 +516,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

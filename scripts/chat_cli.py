@@ -12,7 +12,7 @@ Interactive commands: `clear` starts a new conversation, `quit` or `exit` (or Ct
 import argparse
 
 from nanochat.checkpoint import load_model
-from nanochat.common import autocast_ctx, compute_init, parse_args
+from nanochat.common import autocast_ctx, compute_init, parse_args, run_cli
 from nanochat.engine import Engine
 from nanochat.models import MODEL_TYPES
 
@@ -144,4 +144,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

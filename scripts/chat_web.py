@@ -39,7 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.common import autocast_ctx, logger
+from nanochat.common import autocast_ctx, logger, run_cli
 from nanochat.engine import Engine
 from nanochat.models import MODEL_TYPES
 
@@ -606,4 +606,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,7 +7,7 @@ Side-by-side report of checkpoints (default: every base checkpoint): a markdown 
 import argparse
 
 from nanochat.checkpoint import list_model_tags
-from nanochat.common import parse_args
+from nanochat.common import parse_args, run_cli
 from nanochat.report import write_report
 
 
@@ -26,4 +26,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
