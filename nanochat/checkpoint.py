@@ -211,6 +211,19 @@ def list_model_tags(source, model_type=None):
     return tags
 
 
+def resolve_source(source, model_type=None):
+    """An explicit source is kept; None picks the most trained stage that has a checkpoint (rl > sft > mid > base),
+    so `python -m scripts.chat_eval -a HumanEval` works right after pretraining too."""
+    if source is not None:
+        return source
+    for candidate in ("rl", "sft", "mid", "base"):
+        if list_model_tags(candidate, model_type):
+            logger.info(f"no -i/--source given: using the {candidate!r} checkpoints, the most trained stage found")
+            return candidate
+    raise CheckpointError(f"no checkpoints under {get_base_dir()}; train one first: "
+                          f"python -m scripts.base_train --model_type={model_type or 'gpt'}")
+
+
 def find_largest_model_tag(source, model_type=None):
     """The tag whose latest step has the most layers (ties: the most recently written)."""
     tags = list_model_tags(source, model_type)

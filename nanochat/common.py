@@ -5,6 +5,7 @@ Shared utilities: base directory, device/dtype detection, distributed init/teard
 import logging
 import os
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -155,8 +156,21 @@ def synchronize(device_type):
         torch.mps.synchronize()
 
 
+def measure_cpu_matmul_flops(n=1024, repeats=5):
+    """FLOP/s of a large fp32 matmul on this CPU: the best a CPU reaches, used as its 'peak' for MFU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
 def get_peak_flops(device_type, device_name=None):
-    """Peak dense bf16 FLOP/s of the device, for MFU. Unknown devices return None (MFU is then omitted)."""
+    """Peak dense FLOP/s of the device, for MFU: bf16 tensor-core peak on known GPUs, a measured fp32 matmul on
+    CPU. Unknown devices return None (MFU is then omitted)."""
+    if device_type == "cpu":
+        return measure_cpu_matmul_flops()
     if device_type != "cuda":
         return None
     name = (device_name or torch.cuda.get_device_name()).upper()
@@ -213,7 +227,7 @@ def str2bool(value):
     raise ValueError(f"expected a boolean (true/false), got {value!r}")
 
 
-class UserError(RuntimeError):
+class UserError(Exception):
     """A problem the user can fix (wrong flag, missing or mismatched checkpoint, ...): scripts print the message,
     which says what to do, without a traceback."""
 

@@ -18,7 +18,8 @@ import time
 from collections import deque
 
 import torch
-import torch.nn.functional as F
+
+from nanochat.models.base import sample_next_token
 
 # -----------------------------------------------------------------------------
 # Calculator tool: a tiny arithmetic evaluator on Python's ast, never eval().
@@ -91,33 +92,6 @@ def use_calculator(expr, max_time=1.0):
         return _eval_node(tree, deadline)
     except (_Refused, SyntaxError, ArithmeticError, ValueError, TypeError, RecursionError, MemoryError):
         return None
-
-
-# -----------------------------------------------------------------------------
-# Sampling
-
-
-@torch.inference_mode()
-def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) -> next ids (B, 1). temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps
-    the smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2019)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0.0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0 and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-        # drop a token when the tokens before it already reach top_p (so the most likely one always stays)
-        drop_sorted = (cumulative - F.softmax(sorted_logits, dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
 
 
 # -----------------------------------------------------------------------------

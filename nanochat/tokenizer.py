@@ -18,7 +18,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.common import atomic_write_bytes, get_base_dir, logger
+from nanochat.common import UserError, atomic_write_bytes, get_base_dir, logger
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document begins with it
@@ -48,6 +48,10 @@ def _content_hash(mergeable_ranks, special_tokens, pattern):
     for name, idx in sorted(special_tokens.items(), key=lambda kv: kv[1]):
         h.update(idx.to_bytes(4, "little") + name.encode("utf-8") + b"\0")
     return h.hexdigest()
+
+
+class TokenizerNotFound(UserError, FileNotFoundError):
+    """No trained tokenizer where one is expected; the message says how to train one."""
 
 
 class RustBPETokenizer:
@@ -93,7 +97,7 @@ class RustBPETokenizer:
     def from_directory(cls, tokenizer_dir):
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
         if not os.path.exists(path):
-            raise FileNotFoundError(
+            raise TokenizerNotFound(
                 f"no tokenizer at {path}; train one with `python -m scripts.tok_train` "
                 f"(it saves to $NANOCHAT_BASE_DIR/tokenizer)"
             )
@@ -292,6 +296,6 @@ def get_token_bytes(device="cpu"):
     """(vocab,) int64 byte length per token id (0 for special tokens), saved beside the tokenizer."""
     path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no {path}; train the tokenizer with `python -m scripts.tok_train`")
+        raise TokenizerNotFound(f"no {path}; train the tokenizer with `python -m scripts.tok_train`")
     with open(path, "rb") as f:
         return torch.load(f, map_location=device, weights_only=True)

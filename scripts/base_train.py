@@ -381,6 +381,9 @@ def train(args):
         20 * CUDA_TOTAL_BATCH if device_type == "cuda" else 16 * args.device_batch_size * args.max_seq_len * world_size)
     eval_steps = max(1, eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
     peak_flops = get_peak_flops(device_type)
+    if peak_flops:
+        print0(f"MFU is measured against {peak_flops / 1e12:.3g} TFLOP/s per device"
+               + (" (a measured fp32 matmul on this CPU)" if device_type == "cpu" else ""))
     wandb_run = DummyWandb()
     if args.run != "dummy" and master:
         try:

@@ -11,7 +11,7 @@ Interactive commands: `clear` starts a new conversation, `quit` or `exit` (or Ct
 
 import argparse
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import load_model, resolve_source
 from nanochat.common import autocast_ctx, compute_init, parse_args, run_cli
 from nanochat.engine import Engine
 from nanochat.models import MODEL_TYPES
@@ -20,8 +20,9 @@ from nanochat.models import MODEL_TYPES
 def build_parser():
     parser = argparse.ArgumentParser(description="Chat with a model in the terminal",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["sft", "mid", "rl", "base"],
-                        help="checkpoint source; base models complete text instead of chatting")
+    parser.add_argument("-i", "--source", type=str, default=None, choices=["sft", "mid", "rl", "base"],
+                        help="checkpoint source; base models complete text instead of chatting "
+                             "(default: the most trained stage found: rl > sft > mid > base)")
     parser.add_argument("--model_type", type=str, default=None, choices=list(MODEL_TYPES),
                         help="restrict the default model to this type; checked against the checkpoint")
     parser.add_argument("-g", "--model_tag", type=str, default=None, help="e.g. gpt_d4; None: the largest")
@@ -101,6 +102,7 @@ def reply(engine, messages, args, chat):
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     _, _, _, _, device = compute_init(args.device_type)
+    args.source = resolve_source(args.source, args.model_type)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
                                         model_type=args.model_type)
     engine = Engine(model, tokenizer)

@@ -156,8 +156,9 @@ def chatcore(results):
 def main(argv=None):
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"],
-                        help="which checkpoints to evaluate")
+    parser.add_argument("-i", "--source", default=None, choices=["base", "mid", "sft", "rl"],
+                        help="which checkpoints to evaluate (default: the most trained stage found: "
+                             "rl > sft > mid > base)")
     parser.add_argument("-a", "--task_name", default=None,
                         help=f"one task or several separated by |; None = all of {'|'.join(TASKS)}")
     parser.add_argument("-g", "--model_tag", default=None, help="checkpoint folder, e.g. gpt_d4; None = the largest")
@@ -176,11 +177,12 @@ def main(argv=None):
         if name not in TASKS:
             parser.error(f"unknown task {name!r}; valid: {'|'.join(TASKS)}")
 
-    from nanochat.checkpoint import CheckpointError, load_model
+    from nanochat.checkpoint import CheckpointError, load_model, resolve_source
     from nanochat.engine import Engine
 
     ddp, rank, _, _, device = compute_init(args.device_type)
     try:
+        args.source = resolve_source(args.source, args.model_type)
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
                                             step=args.step, model_type=args.model_type)
     except CheckpointError as e:

@@ -566,8 +566,9 @@ def load_workers(source, model_tags, num_workers, device_type, step=None, model_
 def build_parser():
     parser = argparse.ArgumentParser(description="nanochat web server: chat page, nanochat and OpenAI APIs",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"],
-                        help="checkpoint source; base models complete text instead of chatting")
+    parser.add_argument("-i", "--source", type=str, default=None, choices=["base", "mid", "sft", "rl"],
+                        help="checkpoint source; base models complete text instead of chatting "
+                             "(default: the most trained stage found: rl > sft > mid > base)")
     parser.add_argument("-g", "--model_tag", type=str, action="append", default=None,
                         help="model to serve, e.g. gpt_d4; repeat to serve several; None: the largest")
     parser.add_argument("--model_type", type=str, default=None, choices=list(MODEL_TYPES),
@@ -587,6 +588,7 @@ def build_parser():
 def main(argv=None):
     import uvicorn
 
+    from nanochat.checkpoint import resolve_source
     from nanochat.common import compute_init, parse_args, resolve_device_type
 
     args = parse_args(build_parser(), argv)
@@ -598,6 +600,7 @@ def main(argv=None):
     device_type = resolve_device_type(args.device_type)
     compute_init(device_type)
     tags = list(dict.fromkeys(args.model_tag)) if args.model_tag else None
+    args.source = resolve_source(args.source, args.model_type)
     workers = load_workers(args.source, tags, args.num_workers, device_type, args.step, args.model_type)
     app = create_app(workers, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
     print(f"Serving {', '.join(app.state.pools)} ({args.source}) with {len(workers)} worker(s): "
