@@ -142,3 +142,14 @@ def test_missing_tag_lists_available(base_env):
     save(make_model("gpt"), "gpt_d2")
     with pytest.raises(CheckpointError, match="available under .*: gpt_d2"):
         load_model("base", model_tag="nope")
+
+
+def test_resolve_source_prefers_most_trained_stage(base_env):
+    from nanochat.checkpoint import resolve_source
+
+    with pytest.raises(CheckpointError, match="no checkpoints under"):
+        resolve_source(None)
+    save(make_model("gpt"), "gpt_d2", source="base")
+    assert resolve_source(None) == "base" and resolve_source("sft") == "sft"
+    save(make_model("alcoholic"), "alcoholic_d2", source="sft")
+    assert resolve_source(None) == "sft" and resolve_source(None, model_type="gpt") == "base"

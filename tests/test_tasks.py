@@ -435,10 +435,16 @@ def test_chatcore_centers_on_chance():
 def test_chat_eval_without_checkpoint_says_how_to_train(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as info:
-        chat_eval.main(["-a", "HumanEval", "--device_type=cpu"])
+        chat_eval.main(["-a", "HumanEval", "-i", "sft", "--device_type=cpu"])
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "chatsft_checkpoints") in err and "python -m scripts.chat_sft" in err
+    # with no -i, the most trained stage is used; with none at all, the message points at pretraining
+    with pytest.raises(SystemExit) as info:
+        chat_eval.main(["-a", "HumanEval", "--device_type=cpu"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"no checkpoints under {tmp_path}" in err and "python -m scripts.base_train" in err
 
 
 def test_chat_eval_main_on_a_saved_checkpoint(hf_dir, tokenizer, model, monkeypatch):
