@@ -10,6 +10,7 @@ SPLITS = ("train", "validation", "test")
 
 
 class ARC(Task):
+    eval_type = "categorical"
 
     def __init__(self, subset, split, **kwargs):
         super().__init__(**kwargs)
@@ -19,13 +20,6 @@ class ARC(Task):
         self.subset, self.split = subset, split
         offline = [offline_file(f"ai2_arc_{subset}_{split}.jsonl.gz")]
         self.rows = load_rows("allenai/ai2_arc", subset, split, offline, what=subset).shuffle(seed=42)
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

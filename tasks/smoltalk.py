@@ -33,9 +33,6 @@ class SmolTalk(Task):
         offline = [os.path.join(REPO_DATA_DIR, "chat", f"smoltalk_{split}.jsonl.gz")]
         self.rows = load_rows("HuggingFaceTB/smol-smoltalk", "data", split, offline, what="SmolTalk").shuffle(seed=42)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         messages = [{"role": m["role"], "content": m["content"]} for m in self.rows[index]["messages"]]
         check_messages(messages, f"SmolTalk {self.split} row {index}")

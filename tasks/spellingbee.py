@@ -81,16 +81,13 @@ def count_answer_parts(word, letter):
 
 
 class SpellingBee(Task):
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
         check_split("SpellingBee", size, split)
         self.size, self.split = size, split
         self.words = load_words()
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size
@@ -115,16 +112,13 @@ class SpellingBee(Task):
 
 
 class SimpleSpelling(Task):
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
         check_split("SimpleSpelling", size, split)
         self.size, self.split = size, split
         self.words = load_words()
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size
