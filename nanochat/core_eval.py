@@ -285,6 +285,22 @@ def resolve_bundle(bundle_dir=None, allow_download=True):
     return OFFLINE_BUNDLE_DIR, "offline"
 
 
+def prepare_bundle(bundle_dir=None):
+    """resolve_bundle for every rank: rank 0 alone may download, the others then find the same folder (or fall
+    back to the same offline bundle). Returns (bundle folder, a note saying which bundle and how complete)."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
+        bundle_dir, kind = resolve_bundle(bundle_dir)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        bundle_dir, kind = resolve_bundle(bundle_dir, allow_download=False)
+    labels = [t["label"] for t in load_bundle(bundle_dir)]
+    n_core = len(set(labels) & set(CORE_TASKS))
+    incomplete = kind == "offline" or n_core < len(CORE_TASKS)
+    return bundle_dir, f"{kind} bundle: {n_core} of {len(CORE_TASKS)} tasks", incomplete
+
+
 def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, progress=True):
     """Every task of the bundle: {"results": {label: accuracy}, "centered": {label: centered}, "core": mean}."""
     results, centered = {}, {}

@@ -21,7 +21,7 @@ python -m scripts.tok_eval
 wait $DOWNLOAD_PID
 
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- \
-    --model_type=$MODEL_TYPE --depth=$DEPTH --run=$WANDB_RUN --save_every=2000
+    --model_type=$MODEL_TYPE --depth=$DEPTH --run=$WANDB_RUN --save_every=2000 --core_metric_every=2000
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --model_tag=${MODEL_TYPE}_d$DEPTH
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --model_tag=${MODEL_TYPE}_d$DEPTH
 python -m scripts.compare

@@ -15,8 +15,6 @@ import csv
 import io
 import os
 
-import torch.distributed as dist
-
 from nanochat import checkpoint
 from nanochat.common import (
     atomic_write_bytes,
@@ -28,7 +26,7 @@ from nanochat.common import (
     print0,
     run_cli,
 )
-from nanochat.core_eval import CORE_TASKS, evaluate_core, load_bundle, resolve_bundle
+from nanochat.core_eval import evaluate_core, prepare_bundle
 
 
 def get_args(argv=None):
@@ -63,22 +61,12 @@ def main(argv=None):
     model_tag, step = meta["model_tag"], meta["step"]
     print0(f"Evaluating {args.source} checkpoint {model_tag} step {step} ({meta['model_type']})")
 
-    # rank 0 alone may download; the others then find the same folder (or fall back to the same offline bundle)
-    if rank == 0:
-        bundle_dir, kind = resolve_bundle(args.bundle_dir)
-    if ddp:
-        dist.barrier()
-    if rank != 0:
-        bundle_dir, kind = resolve_bundle(args.bundle_dir, allow_download=False)
-    labels = [t["label"] for t in load_bundle(bundle_dir)]
-    n_core = len(set(labels) & set(CORE_TASKS))
-    note = f"offline bundle: {n_core} of {len(CORE_TASKS)} tasks" if kind == "offline" else \
-        f"{kind} bundle: {n_core} of {len(CORE_TASKS)} tasks"
+    bundle_dir, note, incomplete = prepare_bundle(args.bundle_dir)
     print0(f"CORE bundle: {bundle_dir} ({note})")
 
     with autocast_ctx(device.type):
         out = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=args.max_per_task)
-    partial = kind == "offline" or n_core < len(CORE_TASKS) or args.max_per_task > 0
+    partial = incomplete or args.max_per_task > 0
     print0(f"CORE: {out['core']:.4f}" + (f"  ({note}{', subsampled' if args.max_per_task > 0 else ''}; "
                                           f"not comparable to the full benchmark)" if partial else ""))
 

@@ -41,6 +41,7 @@ from nanochat.common import (
     str2bool,
     synchronize,
 )
+from nanochat.core_eval import evaluate_core, prepare_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.models import MODEL_TYPES, build_model, config_fields, config_from_depth
@@ -76,6 +77,9 @@ def build_parser():
     p.add_argument("--eval_every", type=int, default=250, help="validation bpb every N steps (-1 = only at the end)")
     p.add_argument("--eval_tokens", type=int, default=-1,
                    help=f"validation tokens (-1: {20 * CUDA_TOTAL_BATCH} on CUDA, 16 batches elsewhere)")
+    p.add_argument("--core_metric_every", type=int, default=-1,
+                   help="CORE metric every N steps and at the end (-1 = off; scripts.base_eval runs it afterwards)")
+    p.add_argument("--core_metric_max_per_task", type=int, default=500, help="examples per CORE task in training")
     p.add_argument("--sample_every", type=int, default=2000, help="print samples every N steps (-1 = end only)")
     p.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1 = end only)")
     p.add_argument("--model_tag", default="", help="checkpoint directory name (default {model_type}_d{depth})")
@@ -393,6 +397,10 @@ def train(args):
         wandb_run = wandb.init(project="nanochat", name=args.run, config=vars(args))
     if master:
         os.makedirs(ckpt_dir, exist_ok=True)
+    core_bundle = None
+    if args.core_metric_every > 0:
+        core_bundle, note, _ = prepare_bundle()
+        print0(f"CORE every {args.core_metric_every} steps on {core_bundle} ({note})")
 
     def save(step, val_bpb, smooth_loss, loader_state):
         # the token buffer of the loader state goes only into the per-rank file: meta stays small and readable
@@ -423,6 +431,16 @@ def train(args):
             if master:
                 append_metrics(metrics_path, {"step": step, "val_bpb": val_bpb})
             wandb_run.log({"step": step, "val/bpb": val_bpb})
+        if core_bundle and (last_step or (step > start_step and step % args.core_metric_every == 0)):
+            orig_model.eval()
+            with autocast_ctx(device_type):
+                core = evaluate_core(orig_model, tokenizer, device, core_bundle, args.core_metric_max_per_task,
+                                     progress=False)["core"]
+            orig_model.train()
+            print0(f"step {step:05d} | CORE {core:.4f}")
+            if master:
+                append_metrics(metrics_path, {"step": step, "core": core})
+            wandb_run.log({"step": step, "core_metric": core})
         if master and (last_step or (args.sample_every > 0 and step > start_step and step % args.sample_every == 0)):
             print0("Samples:")
             with autocast_ctx(device_type):

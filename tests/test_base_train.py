@@ -53,6 +53,17 @@ def test_train_saves_typed_checkpoint(base_env, model_type, capsys):
     assert model.model_type == model_type
 
 
+def test_core_metric_during_training(base_env, monkeypatch):
+    from nanochat import core_eval
+
+    monkeypatch.setattr(core_eval, "OFFICIAL_BUNDLE_URL", "http://127.0.0.1:9/eval_bundle.zip")  # offline
+    base_train.main(["--model_type=alcoholic", *TINY, "--num_iterations=2", "--core_metric_every=1",
+                     "--core_metric_max_per_task=11"])
+    with open(os.path.join(checkpoint_dir("base", "alcoholic_d1"), "metrics.jsonl")) as f:
+        cores = [json.loads(line) for line in f if '"core"' in line]
+    assert [c["step"] for c in cores] == [1, 2] and all(-1 <= c["core"] <= 1 for c in cores)
+
+
 def test_unknown_model_type_lists_valid(base_env):
     with pytest.raises(SystemExit, match="valid: gpt, alcoholic"):
         base_train.main(["--model_type=llama", *TINY, "--num_iterations=1"])
