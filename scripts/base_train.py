@@ -44,7 +44,7 @@ from nanochat.common import (
 from nanochat.core_eval import evaluate_core, prepare_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.models import MODEL_TYPES, build_model, config_fields, config_from_depth
+from nanochat.models import DEPTH_KNOBS, MODEL_TYPES, build_model, config_fields, config_from_depth
 from nanochat.tokenizer import get_token_bytes
 
 CUDA_TOTAL_BATCH = 524288  # tokens per optimizer step on GPU (nanochat's default, ~0.5M)
@@ -162,17 +162,24 @@ def muon_momentum(it):
 
 
 def estimate_peak_memory(model_type, config, batch_size, seq_len, device_type):
-    """Bytes: weights + grads + optimizer state (fp32) + activations saved for backward, counted exactly by
-    running forward on the meta device with saved-tensor hooks (no memory is allocated)."""
+    """Bytes: weights + grads + optimizer state (fp32) + activations saved for backward, counted by running forward
+    on the meta device with saved-tensor hooks (no memory is allocated). Not counted: weights saved by their own
+    layers (already counted), a tensor saved twice, and (T, T) attention matrices, which flash attention never
+    stores."""
     with torch.device("meta"):
         model = MODEL_TYPES[model_type].model_cls(config)
     groups = model.num_params_by_group()
     n_params, n_muon = groups["total"], groups["matrices"]
-    saved = 0
+    static = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    seen, saved = set(), 0
 
     def pack(t):
         nonlocal saved
-        saved += t.numel() * t.element_size()
+        key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape))
+        attention_matrix = t.ndim >= 2 and t.shape[-1] == t.shape[-2] == seq_len
+        if key[0] not in static and key not in seen and not attention_matrix:
+            seen.add(key)
+            saved += t.numel() * t.element_size()
         return t
 
     idx = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
@@ -193,7 +200,7 @@ def print_dry_run(args, vocab_size, overrides, device_type, world_size):
            f"{grad_accum} accumulation steps = {total_batch:,} tokens/step {note}")
     others = [args.model_type] + [t for t in MODEL_TYPES if t != args.model_type]
     for model_type in others:
-        valid = {k: v for k, v in overrides.items() if k in config_fields(model_type) or k == "head_dim"}
+        valid = {k: v for k, v in overrides.items() if k in config_fields(model_type) or k in DEPTH_KNOBS}
         config = make_config(model_type, args, vocab_size, valid)
         with torch.device("meta"):
             model = MODEL_TYPES[model_type].model_cls(config)
@@ -207,7 +214,7 @@ def print_dry_run(args, vocab_size, overrides, device_type, world_size):
         print0("  params: " + ", ".join(f"{k}={v:,}" for k, v in groups.items()))
         print0(f"  FLOPs/token: {flops:.3e}; iterations: {iters:,} ({why}); "
                f"total training FLOPs: {flops * total_batch * iters:.3e}")
-        print0(f"  estimated peak memory per device: {mem / 2**30:.2f} GiB")
+        print0(f"  estimated peak memory per device: {mem / 2**30:.2f} GiB (eager; torch.compile saves less)")
 
 
 # -----------------------------------------------------------------------------
