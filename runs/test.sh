@@ -11,6 +11,7 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
 fi
 ARGS=()
 if [ "${1:-}" = "--slow" ]; then shift; ARGS+=(-m "slow or not slow"); fi
+ruff check nanochat scripts tasks tests  # lint first: a style error fails like a test
 set +e
 python -m pytest -q "${ARGS[@]}" "$@"
 rc=$?
