@@ -211,6 +211,18 @@ def list_model_tags(source, model_type=None):
     return tags
 
 
+def add_checkpoint_args(parser, default_source=None, several_tags=False):
+    """The flags of every script that loads a checkpoint: -i/--source, -g/--model_tag, --model_type, -s/--step."""
+    source_help = "checkpoint stage" + ("" if default_source else "; None = the most trained (rl > sft > mid > base)")
+    parser.add_argument("-i", "--source", default=default_source, choices=list(SOURCE_DIRS), help=source_help)
+    parser.add_argument("-g", "--model_tag", default=None, action="append" if several_tags else "store",
+                        help="checkpoint folder, e.g. gpt_d4" + ("; repeat to use several" if several_tags else "")
+                             + "; None = the largest")
+    parser.add_argument("--model_type", default=None, choices=list(MODEL_TYPES),
+                        help="with no --model_tag, the largest checkpoint of this type; always checked on load")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step; None = the last")
+
+
 def resolve_source(source, model_type=None):
     """An explicit source is kept; None picks the most trained stage that has a checkpoint (rl > sft > mid > base),
     so `python -m scripts.chat_eval -a HumanEval` works right after pretraining too."""

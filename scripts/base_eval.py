@@ -32,10 +32,7 @@ from nanochat.core_eval import evaluate_core, prepare_bundle
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="CORE metric (DCLM) of a checkpoint",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default="base", help=f"checkpoint family: {', '.join(checkpoint.SOURCE_DIRS)}")
-    p.add_argument("--model_tag", default=None, help="checkpoint folder; None = the largest model")
-    p.add_argument("--model_type", default=None, help="with no --model_tag: the largest model of this type")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step; None = the last")
+    checkpoint.add_checkpoint_args(p, default_source="base")
     p.add_argument("--max_per_task", type=int, default=-1, help="items per task (-1 = all); a quick-look knob")
     p.add_argument("--bundle_dir", default=None, help="a local eval bundle (core.yaml, eval_meta_data.csv, eval_data/)")
     p.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")

@@ -6,7 +6,7 @@ Bits per byte of a checkpoint on the train and validation splits, plus a few sam
 
 import argparse
 
-from nanochat.checkpoint import load_model, record_metrics
+from nanochat.checkpoint import add_checkpoint_args, load_model, record_metrics
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, parse_args, print0, run_cli
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
@@ -17,10 +17,7 @@ from scripts.base_train import sample
 def build_parser():
     p = argparse.ArgumentParser(description="Bits per byte of a checkpoint on train/val, and samples.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default="base", choices=["base", "mid", "sft", "rl"])
-    p.add_argument("--model_tag", default=None, help="checkpoint directory (default: the largest)")
-    p.add_argument("--model_type", default=None, help="pick the largest checkpoint of this type; checked on load")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_checkpoint_args(p, default_source="base")
     p.add_argument("--device_batch_size", type=int, default=8)
     p.add_argument("--split_tokens", type=int, default=-1,
                    help="tokens evaluated per split (-1: 20*524288 on CUDA, 64 batches elsewhere)")

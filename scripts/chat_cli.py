@@ -11,22 +11,15 @@ Interactive commands: `clear` starts a new conversation, `quit` or `exit` (or Ct
 
 import argparse
 
-from nanochat.checkpoint import load_model, resolve_source
+from nanochat.checkpoint import add_checkpoint_args, load_model, resolve_source
 from nanochat.common import autocast_ctx, compute_init, parse_args, run_cli
 from nanochat.engine import Engine
-from nanochat.models import MODEL_TYPES
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Chat with a model in the terminal",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-i", "--source", type=str, default=None, choices=["sft", "mid", "rl", "base"],
-                        help="checkpoint source; base models complete text instead of chatting "
-                             "(default: the most trained stage found: rl > sft > mid > base)")
-    parser.add_argument("--model_type", type=str, default=None, choices=list(MODEL_TYPES),
-                        help="restrict the default model to this type; checked against the checkpoint")
-    parser.add_argument("-g", "--model_tag", type=str, default=None, help="e.g. gpt_d4; None: the largest")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step; None: the last")
+    add_checkpoint_args(parser)  # a base model completes text instead of chatting
     parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
     parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 is greedy")
     parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")

@@ -20,6 +20,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from nanochat.checkpoint import add_checkpoint_args
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_dist_info, parse_args, print0
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -156,14 +157,9 @@ def chatcore(results):
 def main(argv=None):
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("-i", "--source", default=None, choices=["base", "mid", "sft", "rl"],
-                        help="which checkpoints to evaluate (default: the most trained stage found: "
-                             "rl > sft > mid > base)")
+    add_checkpoint_args(parser)
     parser.add_argument("-a", "--task_name", default=None,
                         help=f"one task or several separated by |; None = all of {'|'.join(TASKS)}")
-    parser.add_argument("-g", "--model_tag", default=None, help="checkpoint folder, e.g. gpt_d4; None = the largest")
-    parser.add_argument("--model_type", default=None, help="gpt|alcoholic: pick the largest tag of this type")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step; None = the last")
     parser.add_argument("-x", "--max_problems", type=int, default=None, help="first N problems per task; None = all")
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")

@@ -39,9 +39,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat.checkpoint import add_checkpoint_args
 from nanochat.common import autocast_ctx, logger, run_cli
 from nanochat.engine import Engine
-from nanochat.models import MODEL_TYPES
 
 # Abuse limits (as nanochat's server)
 MAX_MESSAGES_PER_REQUEST = 500
@@ -566,14 +566,7 @@ def load_workers(source, model_tags, num_workers, device_type, step=None, model_
 def build_parser():
     parser = argparse.ArgumentParser(description="nanochat web server: chat page, nanochat and OpenAI APIs",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-i", "--source", type=str, default=None, choices=["base", "mid", "sft", "rl"],
-                        help="checkpoint source; base models complete text instead of chatting "
-                             "(default: the most trained stage found: rl > sft > mid > base)")
-    parser.add_argument("-g", "--model_tag", type=str, action="append", default=None,
-                        help="model to serve, e.g. gpt_d4; repeat to serve several; None: the largest")
-    parser.add_argument("--model_type", type=str, default=None, choices=list(MODEL_TYPES),
-                        help="restrict the default model to this type; checked against the checkpoint")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step; None: the last")
+    add_checkpoint_args(parser, several_tags=True)  # base models complete text instead of chatting
     parser.add_argument("-n", "--num_gpus", "--num_workers", dest="num_workers", type=int, default=1,
                         help="replicas per served model (one per GPU on CUDA)")
     parser.add_argument("-p", "--port", type=int, default=8000, help="port to listen on")

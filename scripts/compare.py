@@ -6,14 +6,14 @@ Side-by-side report of checkpoints (default: every base checkpoint): a markdown 
 
 import argparse
 
-from nanochat.checkpoint import list_model_tags
+from nanochat.checkpoint import SOURCE_DIRS, list_model_tags
 from nanochat.common import parse_args, run_cli
 from nanochat.report import write_report
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Compare checkpoints side by side (markdown + PNG plots)")
-    p.add_argument("--source", default="base", choices=["base", "mid", "sft", "rl"])
+    p.add_argument("-i", "--source", default="base", choices=list(SOURCE_DIRS))
     p.add_argument("--model_tags", nargs="*", default=None, help="default: every checkpoint of the source")
     p.add_argument("--out_dir", default=None, help="default: $NANOCHAT_BASE_DIR/report")
     args = parse_args(p, argv)
