@@ -89,10 +89,13 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._apply_updates()
+        return loss
+
+    def _apply_updates(self):
         for group in self.param_groups:
             for params in group_by_shape([p for p in group["params"] if p.grad is not None]):
                 self._update_(params, group)
-        return loss
 
 
 def group_by_shape(params):
@@ -120,12 +123,7 @@ class DistMuon(Muon):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _apply_updates(self):
         rank, world_size = self.rank, self.world_size
         # every rank must walk the same buckets in the same order, so bucket all params, grads or not
         buckets = [(group, params) for group in self.param_groups for params in group_by_shape(group["params"])]
@@ -150,7 +148,6 @@ class DistMuon(Muon):
                 owned = params[((r - b) % world_size) * block:][:block]
                 for p, value in zip(owned, gathered[r]):
                     p.copy_(value)
-        return loss
 
     def state_dict(self):
         state = super().state_dict()
