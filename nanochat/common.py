@@ -102,9 +102,9 @@ def autocast_dtype(device_type):
 
 
 def autocast_ctx(device_type):
-    if device_type == "cuda":
-        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """Mixed precision where autocast_dtype says so (CUDA); plain fp32 elsewhere."""
+    dtype = autocast_dtype(device_type)
+    return torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 def is_ddp():

@@ -161,13 +161,11 @@ def muon_momentum(it):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def estimate_peak_memory(model_type, config, batch_size, seq_len, device_type):
+def estimate_peak_memory(model, batch_size, seq_len, device_type):
     """Bytes: weights + grads + optimizer state (fp32) + activations saved for backward, counted by running forward
     on the meta device with saved-tensor hooks (no memory is allocated). Not counted: weights saved by their own
     layers (already counted), a tensor saved twice, and (T, T) attention matrices, which flash attention never
-    stores."""
-    with torch.device("meta"):
-        model = MODEL_TYPES[model_type].model_cls(config)
+    stores. `model` lives on the meta device."""
     groups = model.num_params_by_group()
     n_params, n_muon = groups["total"], groups["matrices"]
     static = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
@@ -189,7 +187,7 @@ def estimate_peak_memory(model_type, config, batch_size, seq_len, device_type):
         saved //= 2  # bf16 autocast stores most activations in half the bytes
     # params + grads + Adam (2 moments on non-Muon params) + Muon (1 momentum buffer)
     states = 4 * (2 * n_params + 2 * (n_params - n_muon) + n_muon)
-    return states + saved, n_params
+    return states + saved
 
 
 def print_dry_run(args, vocab_size, overrides, device_type, world_size):
@@ -198,17 +196,15 @@ def print_dry_run(args, vocab_size, overrides, device_type, world_size):
            f"device={device_type} world_size={world_size}")
     print0(f"Batch plan: {args.device_batch_size} x {args.max_seq_len} tokens x {world_size} ranks x "
            f"{grad_accum} accumulation steps = {total_batch:,} tokens/step {note}")
-    others = [args.model_type] + [t for t in MODEL_TYPES if t != args.model_type]
-    for model_type in others:
+    for model_type in [args.model_type] + [t for t in MODEL_TYPES if t != args.model_type]:
         valid = {k: v for k, v in overrides.items() if k in config_fields(model_type) or k in DEPTH_KNOBS}
         config = make_config(model_type, args, vocab_size, valid)
         with torch.device("meta"):
             model = MODEL_TYPES[model_type].model_cls(config)
         groups = model.num_params_by_group()
         flops = model.estimate_flops()
-        mem, n_params = estimate_peak_memory(model_type, config, args.device_batch_size, args.max_seq_len,
-                                             device_type)
-        iters, why = plan_iterations(args, n_params, flops, total_batch)
+        mem = estimate_peak_memory(model, args.device_batch_size, args.max_seq_len, device_type)
+        iters, why = plan_iterations(args, groups["total"], flops, total_batch)
         chosen = " (chosen)" if model_type == args.model_type else ""
         print0(f"\n[{model_type}{chosen}] {config}")
         print0("  params: " + ", ".join(f"{k}={v:,}" for k, v in groups.items()))
