@@ -11,6 +11,10 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
 fi
 ARGS=()
 if [ "${1:-}" = "--slow" ]; then shift; ARGS+=(-m "slow or not slow"); fi
+# One pytest-xdist worker per core (at most 8): each is a process with one torch thread (tests/conftest.py)
+WORKERS="${TEST_WORKERS:-$(nproc)}"
+[ "$WORKERS" -gt 8 ] && WORKERS=8
+[ "$WORKERS" -gt 1 ] && ARGS+=(-n "$WORKERS")
 ruff check nanochat scripts tasks tests  # lint first: a style error fails like a test
 set +e
 python -m pytest -q "${ARGS[@]}" "$@"

@@ -34,3 +34,12 @@ def base_env(prepared_base_dir, tmp_path, monkeypatch):
         os.symlink(prepared_base_dir / name, base / name)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     return base
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker is one process of its own: one intra-op thread each, so two workers on two
+    # cores do not oversubscribe them (OpenMP threads that spin-wait for each other are slow when they share a core)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

@@ -141,20 +141,20 @@ def test_validation_bpb_decreases(base_env, model_type):
     assert bpb[0] > bpb[1] > bpb[2] and bpb[2] < 0.8 * bpb[0], bpb
 
 
-@pytest.mark.parametrize("model_type", TYPES)
+# The loop never looks at the model type, so one type shows the behaviour; the other runs with --slow.
+# Bitwise equality holds on any machine: both runs are separate processes of the same binary with the same inputs
+# and OMP_NUM_THREADS=1, so every kernel runs the same sequence of float operations.
+@pytest.mark.parametrize("model_type", ["gpt", pytest.param("alcoholic", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_is_bitwise_identical(base_env, model_type):
-    args = [f"--model_type={model_type}", *TINY, "--num_iterations=80", "--save_every=5"]
-    ref = run_script([*args, "--model_tag=ref"], base_env)
-    out, _ = ref.communicate(timeout=300)
-    assert ref.returncode == 0, out
-    ref_losses, _ = read_metrics(checkpoint_dir("base", "ref"))
-
+    steps = 60
+    args = [f"--model_type={model_type}", *TINY, f"--num_iterations={steps}", "--save_every=5"]
+    ref = run_script([*args, "--model_tag=ref"], base_env)  # runs beside the victim, on the other core
     d = checkpoint_dir("base", "victim")
     victim = run_script([*args, "--model_tag=victim"], base_env)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill once a checkpoint exists and training went on past it
         metrics = os.path.join(d, "metrics.jsonl")
-        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 17:
+        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 12:
             break
         assert victim.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.005)
@@ -162,14 +162,17 @@ def test_sigkill_then_resume_is_bitwise_identical(base_env, model_type):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     killed_at = find_last_step(d)
-    assert 5 <= killed_at < 80
+    assert 5 <= killed_at < steps
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+    ref_losses, _ = read_metrics(checkpoint_dir("base", "ref"))
 
     resumed = run_script([*args, "--model_tag=victim", "--resume"], base_env)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert f"Resuming {d} from step {killed_at}" in out
     losses, _ = read_metrics(d)
-    assert sorted(losses) == list(range(80))
+    assert sorted(losses) == list(range(steps))
     assert losses == ref_losses  # bitwise: floats compared exactly
     a, _, _ = load_model("base", model_tag="ref")
     b, _, _ = load_model("base", model_tag="victim")
@@ -183,7 +186,7 @@ def test_resume_with_other_type_is_refused(base_env):
         base_train.main(["--model_type=gpt", *TINY, "--num_iterations=4", "--model_tag=x", "--resume"])
 
 
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("model_type", ["gpt", pytest.param("alcoholic", marks=pytest.mark.slow)])
 def test_ddp_two_ranks_equals_single_process(base_env, model_type):
     """torchrun with 2 gloo ranks == one process that averages the gradients of the same two rank streams."""
     from nanochat.dataloader import DataLoader

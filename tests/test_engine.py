@@ -157,9 +157,10 @@ def test_batched_sampling_reproducible(model, tokenizer):
 def test_top_k_1_is_greedy(model, tokenizer):
     engine = Engine(model, tokenizer)
     prompt = tokenizer.encode("The quick", prepend="<|bos|>")
-    greedy, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=16, temperature=0.0)
+    # same batch shape on both sides: the logits are then bitwise equal (rows of different batch sizes are not)
+    greedy, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=16, temperature=0.0)
     top1, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=16, temperature=1.0, top_k=1, seed=7)
-    assert top1 == greedy * 3
+    assert top1 == greedy
 
 
 def test_stops_when_context_is_full(tokenizer):

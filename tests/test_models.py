@@ -179,8 +179,11 @@ def test_kv_cache_expand_after_batch1_prefill(model_type):
             torch.testing.assert_close(cache.kv[:, :, row:row + 1, :, :10], before, atol=0, rtol=0)
         step = model(nxt, kv_cache=cache)[:, -1]
         ref = torch.stack([model(torch.cat([prompt, nxt[r:r + 1]], dim=1))[0, -1] for r in range(3)])
-    torch.testing.assert_close(step[0], step[1], atol=0, rtol=0)
-    assert not torch.allclose(step[0], step[2])
+    # Rows of one batch are equal up to fp32 rounding, not bitwise: a GEMM may give rows to different threads or
+    # vector lanes, which sum in another order (seen: 4.8e-7 with 2 threads under load). The tolerance is the
+    # reference check's below, ~20x that, and far below the gap to row 2, which continues differently.
+    torch.testing.assert_close(step[0], step[1], atol=1e-5, rtol=0)
+    assert (step[0] - step[2]).abs().max() > 1e-2
     torch.testing.assert_close(step, ref, atol=1e-5, rtol=0)
 
 
