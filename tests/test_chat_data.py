@@ -1,0 +1,83 @@
+"""Chat data: generated arithmetic with the calculator, multiple-choice practice, and the mid/SFT/RL mixtures."""
+
+import re
+
+import pytest
+
+from nanochat.engine import Engine, RowState, use_calculator
+from nanochat.tokenizer import RustBPETokenizer
+from scripts import chat_eval
+from tasks.arithmetic import SPLITS, ArithmeticTool, split_of
+
+# -----------------------------------------------------------------------------
+# Arithmetic word problems
+
+
+def canonical(expr):
+    """The problem behind an expression: a+b and b+a (a*b and b*a) are the same problem."""
+    terms = re.findall(r"\d+|[^\d]+", expr)
+    if len(terms) >= 3 and terms[1] in "+*":
+        terms[0], terms[2] = sorted([terms[0], terms[2]])
+    if len(terms) == 5 and terms[3] == "*":
+        terms[2], terms[4] = sorted([terms[2], terms[4]])
+    return "".join(terms)
+
+
+def test_arithmetic_is_deterministic_and_uses_the_calculator():
+    a, b = ArithmeticTool(size=300), ArithmeticTool(size=300)
+    assert [a[i] for i in range(300)] == [b[i] for i in range(300)]
+    forms = set()
+    for i in range(300):
+        ex = a[i]
+        parts = ex["messages"][1]["content"]
+        assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+        expr, output = parts[1]["text"], parts[2]["text"]
+        assert output == str(use_calculator(expr)) and "." not in output  # exact: "12", never "12.0"
+        assert int(output) >= 0 and parts[3]["text"].endswith(f"#### {output}")
+        forms.add(re.sub(r"\d+", "n", expr))
+        assert a.evaluate(ex, f"Sure.<|python_start|>{expr}<|python_end|>\n#### {output}") == 1
+        assert a.evaluate(ex, f"#### {int(output) + 1}") == 0 and a.evaluate(ex, output) == 0  # needs "####"
+        assert a.reward(ex, f"#### {output}") == 1.0 and a.reward(ex, "no idea") == 0.0
+    assert forms == {"n+n", "n-n", "n*n", "n//n", "n+n-n", "n*n+n", "n-n*n"}
+    questions = [a[i]["messages"][0]["content"] for i in range(300)]
+    assert sum(q.startswith(("What is", "Compute")) for q in questions) < 150  # mostly word problems
+    with pytest.raises(ValueError, match="train\\|val\\|test"):
+        ArithmeticTool(split="validation")
+
+
+def test_arithmetic_splits_never_share_a_problem():
+    examples = {split: [ArithmeticTool(size=n, split=split)[i] for i in range(n)]
+                for split, n in (("train", 3000), ("val", 500), ("test", 500))}
+    questions = {s: {ex["messages"][0]["content"] for ex in exs} for s, exs in examples.items()}
+    problems = {s: {canonical(ex["messages"][1]["content"][1]["text"]) for ex in exs} for s, exs in examples.items()}
+    for s1, s2 in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not questions[s1] & questions[s2] and not problems[s1] & problems[s2]
+    assert len(questions["test"]) > 490  # 500 distinct problems, not a few repeated
+    assert split_of(("add", 85, 347)) in SPLITS and split_of(("add", 85, 347)) == split_of(("add", 85, 347))
+
+
+def test_arithmetic_fits_a_small_context_and_matches_what_the_engine_forces():
+    text = "".join(f"{ArithmeticTool(size=400)[i]['messages']}" for i in range(400))
+    tokenizer = RustBPETokenizer.train_from_iterator([text[i:i + 1000] for i in range(0, len(text), 1000)], 512)
+    engine = Engine(model=None, tokenizer=tokenizer)
+    output_start = tokenizer.encode_special("<|output_start|>")
+    for split in SPLITS:
+        task = ArithmeticTool(size=200, split=split)
+        for i in range(200):
+            ids, mask = tokenizer.render_conversation(task[i], max_tokens=None)
+            assert len(ids) < 256
+            state, forced = RowState([]), 0
+            for j, token in enumerate(ids):  # replay the answer through the Engine's tool-use state machine
+                engine._advance_row(state, token)
+                if state.forced:
+                    assert ids[j + 1:j + 1 + len(state.forced)] == list(state.forced) and ids[j + 1] == output_start
+                    assert not any(mask[j + 1:j + 1 + len(state.forced)])  # the tool's output is not trained on
+                    forced += 1
+                    state.forced.clear()
+            assert forced == 1
+
+
+def test_chat_eval_scores_the_arithmetic_test_split():
+    make, chance = chat_eval.TASKS["Arithmetic"]
+    task = make()
+    assert chance == 0.0 and task.split == "test" and len(task) == 500 and task.eval_type == "generative"
