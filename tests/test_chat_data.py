@@ -1,13 +1,18 @@
 """Chat data: generated arithmetic with the calculator, multiple-choice practice, and the mid/SFT/RL mixtures."""
 
+import os
 import re
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from nanochat.engine import Engine, RowState, use_calculator
 from nanochat.tokenizer import RustBPETokenizer
 from scripts import chat_eval
 from tasks.arithmetic import SPLITS, ArithmeticTool, split_of
+from tasks.common import offline_file, read_jsonl
+from tasks.mcpractice import MCPractice, question_texts
 
 # -----------------------------------------------------------------------------
 # Arithmetic word problems
@@ -81,3 +86,75 @@ def test_chat_eval_scores_the_arithmetic_test_split():
     make, chance = chat_eval.TASKS["Arithmetic"]
     task = make()
     assert chance == 0.0 and task.split == "test" and len(task) == 500 and task.eval_type == "generative"
+
+
+# -----------------------------------------------------------------------------
+# Multiple-choice practice
+
+
+def test_mc_practice_never_uses_scored_test_questions(offline_only):
+    train, val = MCPractice("train"), MCPractice("val")
+    assert all(source.split in ("validation", "dev") for source in train.sources)
+    scored = set()
+    for name in ("ai2_arc_ARC-Easy_test", "ai2_arc_ARC-Challenge_test", "mmlu_all_test"):
+        scored |= {row["question"] for row in read_jsonl(offline_file(f"{name}.jsonl.gz"))}
+    practice = {}
+    for split, task in (("train", train), ("val", val)):
+        practice[split] = [question_texts(task.sources[s])[i] for s, i in task.index]
+        assert not set(practice[split]) & scored
+        assert all(task[i]["messages"][0]["content"].startswith("Multiple Choice question:") for i in range(0, 50))
+    assert not set(practice["train"]) & set(practice["val"])
+    total = sum(len(source) for source in train.sources)
+    assert len(train) + len(val) + train.dropped == total and 0 < train.dropped < 20 and 50 < len(val) < 300
+    arc = MCPractice("train", datasets=("ARC",))
+    assert [s.subset for s in arc.sources] == ["ARC-Easy", "ARC-Challenge"] and len(arc) < len(train)
+
+
+def test_mc_practice_prefers_hub_training_splits_and_drops_test_questions(hub):
+    task = MCPractice("train")
+    assert [(type(s).__name__, s.split) for s in task.sources] == [("ARC", "train"), ("ARC", "train"),
+                                                                      ("MMLU", "train")]
+    val = MCPractice("val")
+    questions = {question_texts(t.sources[s])[i] for t in (task, val) for s, i in t.index}
+    assert task.dropped == 2 and "Which one is a planet?" not in questions  # planted in train and test of both ARCs
+    assert len(questions) == 9 + 6 + 40 - 2 and {f"Aux question {i}?" for i in range(40)} <= questions
+
+
+def write_parquet(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def arc_row(i, question):
+    return {"id": f"q{i}", "question": question,
+            "choices": {"text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"}
+
+
+@pytest.fixture
+def offline_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_HF_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A tiny hub layout holding every dataset the nanochat mixtures train on."""
+    root = tmp_path / "hf"
+    monkeypatch.setenv("NANOCHAT_HF_DIR", str(root))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    chat = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]}
+            for i in range(30)]
+    write_parquet(root / "HuggingFaceTB/smol-smoltalk/data/train-00000-of-00001.parquet", chat[:20])
+    write_parquet(root / "HuggingFaceTB/smol-smoltalk/data/test-00000-of-00001.parquet", chat[20:])
+    aux = [{"question": f"Aux question {i}?", "subject": "", "choices": ["w", "x", "y", "z"], "answer": 1}
+           for i in range(40)]
+    write_parquet(root / "cais/mmlu/auxiliary_train/train-00000-of-00001.parquet", [{"train": row} for row in aux])
+    gsm = [{"question": f"What is {i} + 1?", "answer": f"{i}+1=<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"}
+           for i in range(12)]
+    write_parquet(root / "openai/gsm8k/main/train-00000-of-00001.parquet", gsm)
+    for subset, n in (("ARC-Easy", 9), ("ARC-Challenge", 6)):
+        rows = [arc_row(i, f"{subset} question {i}?") for i in range(n - 1)] + [arc_row(99, "Which one is a planet?")]
+        write_parquet(root / f"allenai/ai2_arc/{subset}/train-00000-of-00001.parquet", rows)
+        write_parquet(root / f"allenai/ai2_arc/{subset}/test-00000-of-00001.parquet",
+                      [arc_row(100, "Which one is a planet?")])
+    return root
