@@ -7,12 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import tasks.mixtures as mixtures
 from nanochat.engine import Engine, RowState, use_calculator
 from nanochat.tokenizer import RustBPETokenizer
 from scripts import chat_eval
 from tasks.arithmetic import SPLITS, ArithmeticTool, split_of
 from tasks.common import offline_file, read_jsonl
 from tasks.mcpractice import MCPractice, question_texts
+from tasks.smoltalk import SmolTalk
 
 # -----------------------------------------------------------------------------
 # Arithmetic word problems
@@ -120,6 +122,10 @@ def test_mc_practice_prefers_hub_training_splits_and_drops_test_questions(hub):
     assert len(questions) == 9 + 6 + 40 - 2 and {f"Aux question {i}?" for i in range(40)} <= questions
 
 
+# -----------------------------------------------------------------------------
+# Mixtures: embedded (nothing downloaded) and hub regimes
+
+
 def write_parquet(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -158,3 +164,66 @@ def hub(tmp_path, monkeypatch):
         write_parquet(root / f"allenai/ai2_arc/{subset}/test-00000-of-00001.parquet",
                       [arc_row(100, "Which one is a planet?")])
     return root
+
+
+@pytest.fixture
+def log(monkeypatch):
+    """The regime lines ("<stage> data: ...") logged by the mixtures."""
+    lines = []
+    monkeypatch.setattr(mixtures.logger, "info", lambda line: lines.append(line) if " data: " in line else None)
+    return lines
+
+
+def test_embedded_mixtures_when_nothing_is_downloaded(offline_only, log):
+    mid, sft, rl = mixtures.mid_mixture("train"), mixtures.sft_mixture("train"), mixtures.rl_task("train")
+    assert all("embedded" in line and "not under" in line for line in log) and len(log) == 3
+    sizes = dict(mixtures.sizes(mid))
+    assert sizes["ArithmeticTool(train)"] == 6000 and sizes["CustomJSON(identity_conversations.jsonl)"] == 24
+    assert sizes["SmolTalk(train)"] == 400 and sizes["MCPractice(ARC+MMLU, train)"] > 2000
+    assert 10_000 < len(mid) < 15_000 and 3000 < len(sft) < 6000
+    assert isinstance(rl, ArithmeticTool) and rl.split == "train" and rl.eval_type == "generative"
+    assert mixtures.describe(mid).startswith(f"{len(mid):,} conversations: ArithmeticTool(train) 6,000")
+    # mid and SFT see different arithmetic problems, neither sees the held-out ones
+    mid_arith = next(t for t in mid.tasks if isinstance(t, ArithmeticTool))
+    sft_arith = next(t for t in sft.tasks if isinstance(t, ArithmeticTool))
+    assert mid_arith[0] != sft_arith[0] and sft_arith.start == len(mid_arith) == mid_arith.size
+    val = mixtures.mid_mixture("val")
+    assert {t.split for t in val.tasks} == {"test", "val"} and mixtures.sft_mixture("val").num_examples() == len(val)
+    assert mixtures.rl_task("val").split == "val"
+    # deterministic per seed
+    again = mixtures.mid_mixture("train")
+    assert [mid[i] for i in range(0, len(mid), 97)] == [again[i] for i in range(0, len(again), 97)]
+    reseeded = mixtures.mid_mixture("train", seed=1)
+    assert [mid[i] for i in range(5)] != [reseeded[i] for i in range(5)]
+    with pytest.raises(FileNotFoundError, match="SmolTalk train.*huggingface-cli"):
+        mixtures.mid_mixture("train", source="hub")
+    with pytest.raises(ValueError, match="train\\|val"):
+        mixtures.sft_mixture("test")
+    with pytest.raises(ValueError, match="auto\\|hub\\|embedded"):
+        mixtures.rl_task("train", source="disk")
+
+
+def test_hub_mixtures_when_the_datasets_are_on_disk(hub, log):
+    mid = mixtures.mid_mixture("train")
+    assert log[-1].startswith("mid data: hub mixture")
+    assert dict(mixtures.sizes(mid)) == {
+        "SmolTalk(train)": 20, "MMLU(auxiliary_train, train)": 40, "GSM8K(main, train)": 12,
+        "CustomJSON(identity_conversations.jsonl)": 24, "SimpleSpelling(train)": 200_000,
+        "SpellingBee(train)": 80_000}
+    sft = mixtures.sft_mixture("train")
+    assert dict(mixtures.sizes(sft)) == {
+        "ARC(ARC-Easy, train)": 9, "ARC(ARC-Challenge, train)": 6, "GSM8K(main, train)": 12, "SmolTalk(train)": 20,
+        "CustomJSON(identity_conversations.jsonl)": 12, "SimpleSpelling(train)": 300, "SpellingBee(train)": 300}
+    sft_val = mixtures.sft_mixture("val")
+    assert isinstance(sft_val, SmolTalk) and sft_val.split == "test" and len(sft_val) == 10
+    assert [type(t).__name__ for t in mixtures.mid_mixture("val").tasks] == ["SmolTalk", "MMLU", "GSM8K"]
+    rl = mixtures.rl_task("train")
+    assert rl.split == "train" and len(rl) == 12 and rl.reward(rl[0], rl[0]["messages"][1]["content"][-1]["text"])
+    embedded = mixtures.mid_mixture("train", source="embedded")
+    assert "forced" in log[-1] and "ArithmeticTool(train)" in dict(mixtures.sizes(embedded))
+
+
+def test_auto_falls_back_per_stage_when_only_some_datasets_are_there(hub, log):
+    os.remove(hub / "allenai/ai2_arc/ARC-Challenge/train-00000-of-00001.parquet")
+    assert mixtures.choose_source("mid") == "hub" and mixtures.choose_source("rl") == "hub"
+    assert mixtures.choose_source("sft") == "embedded" and "ARC-Challenge train not under" in log[-1]
