@@ -1,6 +1,7 @@
 """
 Evaluate a checkpoint on the chat tasks: ARC-Easy, ARC-Challenge, MMLU (multiple choice), GSM8K, HumanEval,
-SpellingBee (generated answers).
+SpellingBee, Arithmetic (generated answers; Arithmetic is generated word problems with the calculator, held out
+from the ones the offline chat data trains on).
 
 Multiple choice is scored from the logits: the prompt ends with <|assistant_start|>, and the answer is the choice
 letter with the highest logit at that position (only the letters offered count), so base models can be scored
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from nanochat.checkpoint import add_checkpoint_args
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_dist_info, parse_args, print0
 from tasks.arc import ARC
+from tasks.arithmetic import ArithmeticTool
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
@@ -36,6 +38,7 @@ TASKS = {
     "GSM8K": (partial(GSM8K, subset="main", split="test"), 0.0),  # open-ended: guessing gets nothing
     "HumanEval": (HumanEval, 0.0),
     "SpellingBee": (partial(SpellingBee, size=256, split="test"), 0.0),
+    "Arithmetic": (partial(ArithmeticTool, size=500, split="test"), 0.0),
 }
 
 

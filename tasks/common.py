@@ -78,6 +78,11 @@ def hub_files(repo, config_dir, split):
     return [], os.path.join(root, f"{split}-*.parquet")
 
 
+def hub_has(repo, config_dir, split):
+    """Whether a split of a hub dataset is on disk (the offline copies in data/tasks/ do not count)."""
+    return bool(hub_files(repo, config_dir, split)[0])
+
+
 _announced = set()
 
 
