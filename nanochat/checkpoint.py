@@ -280,3 +280,20 @@ def load_model(source, device=None, phase="eval", model_tag=None, step=None, mod
     model, meta = load_model_from_dir(ckpt_dir, device, phase, step, model_type, tokenizer)
     meta = dict(meta, model_tag=model_tag, checkpoint_dir=ckpt_dir)
     return model, tokenizer, meta
+
+
+# -----------------------------------------------------------------------------
+# Random number generators: part of every rank's state, so a resumed run draws the same numbers
+
+
+def get_rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -121,3 +121,126 @@ class DataLoader:
                 )
             self.prev_pos = None if state["prev_pos"] is None else tuple(state["prev_pos"])
             self.doc_idx = state["doc_idx"]
+
+
+# -----------------------------------------------------------------------------
+# Conversations (mid_train, chat_sft): a task's conversations rendered with the chat special tokens
+
+
+class ConversationStream:
+    """The conversations of a task in order, rank r of w taking every w-th one, epoch after epoch, rendered to
+    (ids, mask) with tokenizer.render_conversation. Its state is (epoch, position) within this rank's share."""
+
+    def __init__(self, task, tokenizer, rank=None, world_size=None):
+        if rank is None or world_size is None:
+            _, rank, _, world_size = get_dist_info()
+        if len(task) < world_size:
+            raise ValueError(f"the task has {len(task)} conversations, fewer than the {world_size} ranks")
+        self.task, self.tokenizer = task, tokenizer
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def __len__(self):
+        """Conversations per epoch for this rank."""
+        return len(range(self.rank, len(self.task), self.world_size))
+
+    def __next__(self):
+        if self.position >= len(self):
+            self.epoch, self.position = self.epoch + 1, 0
+        conversation = self.task[self.rank + self.position * self.world_size]
+        self.position += 1
+        return self.tokenizer.render_conversation(conversation, max_tokens=None)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state):
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(f"conversation loader state is for rank {state['rank']} of {state['world_size']}, this "
+                             f"is rank {self.rank} of {self.world_size}; resume with the same number of ranks")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def _to_device(rows, pad_id, device):
+    """Rows of (ids, targets) of unequal length -> (inputs, targets) tensors padded on the right (targets -1)."""
+    width = max(len(ids) for ids, _ in rows)
+    use_cuda = device.type == "cuda"
+    x = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in rows], dtype=torch.long, pin_memory=use_cuda)
+    y = torch.tensor([t + [-1] * (width - len(t)) for _, t in rows], dtype=torch.long, pin_memory=use_cuda)
+    return x.to(device, non_blocking=use_cuda), y.to(device, non_blocking=use_cuda)
+
+
+class PackedConversationLoader:
+    """
+    mid_train: whole conversations packed into rows of T+1 tokens, every row starting with a conversation's <|bos|>
+    (BOS-aligned: no row begins in the middle of one). Each row takes, from a pool of the next `pool` conversations,
+    the longest that still fits, until none does; the rest of the row is padding (target -1). A conversation longer
+    than a row is cropped. Every token of a conversation is a target, as in pretraining: mid-training teaches the
+    format and the content alike.
+    """
+
+    def __init__(self, task, tokenizer, B, T, device="cpu", pool=16, rank=None, world_size=None):
+        self.stream = ConversationStream(task, tokenizer, rank, world_size)
+        self.B, self.T, self.device, self.pool_size = B, T, torch.device(device), pool
+        self.pad_id = tokenizer.get_bos_token_id()
+        self.pool = []  # rendered conversations (token lists) taken from the stream but not yet placed
+
+    def _row(self):
+        row, capacity = [], self.T + 1
+        while len(row) < capacity:
+            while len(self.pool) < self.pool_size:
+                self.pool.append(next(self.stream)[0])
+            space = capacity - len(row)
+            fitting = [i for i, ids in enumerate(self.pool) if len(ids) <= space]
+            if fitting:
+                row += self.pool.pop(max(fitting, key=lambda i: len(self.pool[i])))
+            elif not row:
+                row = self.pool.pop(0)[:capacity]
+            else:
+                break
+        return row[:-1], row[1:]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = [self._row() for _ in range(self.B)]
+        rows = [(x + [self.pad_id] * (self.T - len(x)), y + [-1] * (self.T - len(y))) for x, y in rows]
+        return _to_device(rows, self.pad_id, self.device)
+
+    def state_dict(self):
+        return {**self.stream.state_dict(), "pool": [list(ids) for ids in self.pool]}
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
+        self.pool = [list(ids) for ids in state["pool"]]
+
+
+class PaddedConversationLoader:
+    """
+    chat_sft: one conversation per row, cut to T+1 tokens, the batch padded to its longest row. Targets are -1
+    except where the model must learn to write: the assistant's text, its tool calls and <|assistant_end|>
+    (the render_conversation mask); user turns, tool outputs and padding teach nothing.
+    """
+
+    def __init__(self, task, tokenizer, B, T, device="cpu", rank=None, world_size=None):
+        self.stream = ConversationStream(task, tokenizer, rank, world_size)
+        self.B, self.T, self.device = B, T, torch.device(device)
+        self.pad_id = tokenizer.encode_special("<|assistant_end|>")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = []
+        for _ in range(self.B):
+            ids, mask = next(self.stream)
+            ids, mask = ids[:self.T + 1], mask[:self.T + 1]
+            rows.append((ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])]))
+        return _to_device(rows, self.pad_id, self.device)
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)

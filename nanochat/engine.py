@@ -184,9 +184,10 @@ class Engine:
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
             logits = self.model(ids, kv_cache=cache)[:, -1, :vocab_size]
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Non-streaming: returns (results, masks), per sample the prompt plus the generated tokens (without the
-        ending <|assistant_end|> / <|bos|>) and the matching masks (0 for prompt and forced tokens)."""
+    def generate_batch(self, tokens, num_samples=1, keep_end=False, **kwargs):
+        """Non-streaming: returns (results, masks), per sample the prompt plus the generated tokens and the matching
+        masks (0 for prompt and forced tokens). The ending <|assistant_end|> / <|bos|> is left out, unless keep_end
+        (RL learns to stop from it)."""
         ends = (self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id())
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
@@ -197,7 +198,7 @@ class Engine:
                     continue
                 if token in ends:
                     done[i] = True
-                else:
+                if token not in ends or keep_end:
                     results[i].append(token)
                     masks[i].append(mask)
             if all(done):

@@ -31,3 +31,19 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     if total_bytes.item() == 0:
         return float("inf")
     return total_nats.item() / (math.log(2) * total_bytes.item())
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, steps):
+    """Mean cross-entropy (nats per token) over the targets that count (not -1) of `steps` batches; all-reduced
+    across DDP ranks. The held-out loss of chat stages, where only some tokens are supervised."""
+    total, count = None, None
+    for _ in range(steps):
+        x, y = next(batches)
+        loss = model(x, y, loss_reduction="sum").double()
+        n = (y >= 0).sum()
+        total, count = (loss, n) if total is None else (total + loss, count + n)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    return total.item() / max(1, count.item())

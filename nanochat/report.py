@@ -10,13 +10,38 @@ from nanochat.checkpoint import checkpoint_dir, find_last_step, read_meta
 from nanochat.common import get_base_dir
 
 
+def append_metrics(path, record):
+    """One JSON line per record: training steps and evaluations, read back by the report and the plots."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path, from_step):
+    """On resume, drop records of steps that will be recomputed, so the file reads as one run."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] < from_step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short by a killed process
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
 def read_metrics_jsonl(ckpt_dir):
     path = os.path.join(ckpt_dir, "metrics.jsonl")
     train, val = [], []
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
-                r = json.loads(line)
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed process
                 if "loss" in r:
                     train.append(r)
                 if "val_bpb" in r:

@@ -6,11 +6,13 @@ line in MODEL_TYPES.
 """
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from nanochat.common import str2bool
 from nanochat.models import alcoholic, gpt
 from nanochat.models.base import BaseLM, KVCache
 
@@ -29,6 +31,8 @@ MODEL_TYPES = {
 
 # Knobs that config_from_depth understands beyond the config fields (GPT has no head_dim field: it sets n_head)
 DEPTH_KNOBS = ("head_dim",)
+# Config fields that come from elsewhere: --max_seq_len, the tokenizer, --depth
+DERIVED_FIELDS = ("sequence_len", "vocab_size", "n_layer")
 
 
 def get_model_spec(model_type):
@@ -39,6 +43,42 @@ def get_model_spec(model_type):
 
 def config_fields(model_type):
     return [f.name for f in dataclasses.fields(get_model_spec(model_type).config_cls)]
+
+
+def presets():
+    """Every named config of every architecture: {"gpt/guide_d20": (model_type, config), ...}."""
+    return {f"{t}/{name}": (t, config) for t, spec in MODEL_TYPES.items()
+            for name, config in spec.model_cls.presets.items()}
+
+
+def _flag_type(annotation):
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]  # `int | None` -> int
+    return str2bool if options[0] is bool else options[0]
+
+
+def add_config_args(parser):
+    """One flag per config field of every registered architecture (name, type and help from the dataclass), so a
+    new field, or a new model type, becomes a flag with no edit to any script. Unset flags are None."""
+    group = parser.add_argument_group("architecture overrides (any config field; unset = the type's default)")
+    owners = {}
+    for model_type, spec in MODEL_TYPES.items():
+        for f in dataclasses.fields(spec.config_cls):
+            if f.name not in DERIVED_FIELDS:
+                owners.setdefault(f.name, (f, []))[1].append(model_type)
+    for name, (f, types) in owners.items():
+        types = list(MODEL_TYPES) if name in DEPTH_KNOBS else types
+        group.add_argument(f"--{name}", type=_flag_type(f.type), default=None,
+                           help=f"{f.metadata.get('help', '')} [{', '.join(types)}]".strip())
+
+
+def config_overrides(args, model_type=None):
+    """The config flags that were set; with model_type, only those that type understands."""
+    names = {f.name for spec in MODEL_TYPES.values() for f in dataclasses.fields(spec.config_cls)} | set(DEPTH_KNOBS)
+    overrides = {k: getattr(args, k) for k in sorted(names) if getattr(args, k, None) is not None}
+    if model_type is not None:
+        valid = set(config_fields(model_type)) | set(DEPTH_KNOBS)
+        overrides = {k: v for k, v in overrides.items() if k in valid}
+    return overrides
 
 
 def config_from_depth(model_type, depth, max_seq_len, vocab_size, **overrides):
@@ -87,4 +127,4 @@ def config_from_dict(model_type, d):
 
 
 __all__ = ["MODEL_TYPES", "ModelSpec", "BaseLM", "KVCache", "get_model_spec", "config_fields", "config_from_depth",
-           "build_model", "config_to_dict", "config_from_dict"]
+           "build_model", "config_to_dict", "config_from_dict", "presets", "add_config_args", "config_overrides"]

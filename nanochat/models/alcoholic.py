@@ -10,7 +10,7 @@ Parameter names follow transformers' Qwen3 so that export is a renaming. The ext
 embedding table on export: a norm of a looked-up row depends on the token id only.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -27,18 +27,19 @@ class AlcoholicNanoConfig:
     sequence_len: int = 2048
     vocab_size: int = 65536
     n_layer: int = 20
-    n_head: int = 16
-    n_kv_head: int = 8  # typically half of n_head
-    n_embd: int = 1280
-    intermediate_size: int = 5120  # 4x n_embd
-    rope_theta: float = 1_000_000.0
-    qk_norm: bool = True
-    norm_type: str = "rmsnorm"
-    mlp_type: str = "swiglu"
-    dropout: float = 0.0
-    head_dim: int | None = None  # None -> n_embd // n_head; any even value works (attention width n_head*head_dim)
-    norm_eps: float = 1e-6
-    logit_softcap: float | None = None
+    n_head: int = field(default=16, metadata={"help": "number of query heads"})
+    n_kv_head: int = field(default=8, metadata={"help": "number of key/value heads (default about n_head / 2)"})
+    n_embd: int = field(default=1280, metadata={"help": "width (default 64 * depth)"})
+    intermediate_size: int = field(default=5120, metadata={"help": "MLP hidden width (default 4 * n_embd)"})
+    rope_theta: float = field(default=1_000_000.0, metadata={"help": "rotary base; larger suits longer contexts"})
+    qk_norm: bool = field(default=True, metadata={"help": "learnable RMSNorm of queries and keys, before rotary"})
+    norm_type: str = field(default="rmsnorm", metadata={"help": f"one of {NORM_TYPES}"})
+    mlp_type: str = field(default="swiglu", metadata={"help": f"one of {MLP_TYPES}"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on attention and residual branches (training)"})
+    head_dim: int | None = field(default=None, metadata={
+        "help": "channels per head (default n_embd / n_head); any even value, attention width n_head * head_dim"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of every norm"})
+    logit_softcap: float | None = field(default=None, metadata={"help": "squash logits into [-c, c] (default off)"})
 
     def __post_init__(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
@@ -154,6 +155,12 @@ class DecoderLayer(nn.Module):
 
 class Alcoholic(BaseLM):
     model_type = "alcoholic"
+    # the model-selection guide's d20 config, as written there
+    presets = {"guide_d20": AlcoholicNanoConfig(
+        sequence_len=2048, vocab_size=65536, n_layer=20, n_head=16, n_kv_head=8, n_embd=1280, intermediate_size=5120,
+        rope_theta=1_000_000.0, qk_norm=True, norm_type="rmsnorm", mlp_type="swiglu", dropout=0.0)}
+    memory_advice = ("Alcoholic uses more memory than GPT at the same depth: SwiGLU keeps three MLP activations "
+                     "per layer for the backward pass where ReLU² keeps two.")
 
     def __init__(self, config):
         super().__init__()

@@ -254,13 +254,16 @@ class BaseLM(nn.Module):
 
     model_type = None
     logit_softcap = None
+    memory_advice = ""  # printed after an out-of-memory error, e.g. why this architecture needs more memory
+    presets = {}  # named configs (name -> config), e.g. the d20 configs of the model-selection guide
 
     def get_device(self):
         return next(self.parameters()).device
 
     def logits_or_loss(self, x, targets=None, loss_reduction="mean"):
         """Final hidden states (B, T, C) -> fp32 logits (B, T, V), or the cross-entropy loss against targets
-        (positions with target -1 are ignored; "none" returns per-token losses of shape (B, T), 0 where ignored)."""
+        (positions with target -1 are ignored; "none" returns per-token losses of shape (B, T), 0 where ignored).
+        "mean" is over the targets that count; with none at all it is 0 with zero gradients, never NaN."""
         logits = self.lm_head(x).float()  # fp32 for the softcap and the loss
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -269,7 +272,9 @@ class BaseLM(nn.Module):
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+                               reduction="sum" if loss_reduction == "mean" else loss_reduction)
+        if loss_reduction == "mean":
+            return loss / (targets != -1).sum().clamp(min=1)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
     def make_kv_cache(self, batch_size, seq_len, device=None, dtype=None):

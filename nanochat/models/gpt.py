@@ -10,7 +10,7 @@ GPT: nanochat's model.
 - logits softcapped at 15
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -26,9 +26,9 @@ class GPTConfig:
     sequence_len: int = 1024
     vocab_size: int = 50304
     n_layer: int = 12
-    n_head: int = 6  # number of query heads
-    n_kv_head: int = 6  # number of key/value heads (GQA)
-    n_embd: int = 768
+    n_head: int = field(default=6, metadata={"help": "number of query heads"})
+    n_kv_head: int = field(default=6, metadata={"help": "number of key/value heads (GQA when < n_head)"})
+    n_embd: int = field(default=768, metadata={"help": "width (default 64 * depth)"})
 
     def __post_init__(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -105,6 +105,9 @@ class Block(nn.Module):
 class GPT(BaseLM):
     model_type = "gpt"
     logit_softcap = SOFTCAP
+    # the model-selection guide's d20 config, as written there
+    presets = {"guide_d20": GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=16, n_kv_head=16,
+                                      n_embd=1280)}
 
     def __init__(self, config):
         super().__init__()
