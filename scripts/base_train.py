@@ -49,7 +49,7 @@ from nanochat.tokenizer import get_token_bytes
 
 CUDA_TOTAL_BATCH = 524288  # tokens per optimizer step on GPU (nanochat's default, ~0.5M)
 ARCH_OVERRIDES = ("n_head", "n_kv_head", "head_dim", "intermediate_size", "rope_theta", "qk_norm", "norm_type",
-                  "mlp_type", "dropout", "norm_eps", "logit_softcap")
+                  "mlp_type", "dropout", "norm_eps", "logit_softcap", "embed_norm")
 
 
 def build_parser():
@@ -95,6 +95,7 @@ def build_parser():
     for name in ("rope_theta", "dropout", "norm_eps", "logit_softcap"):
         arch.add_argument(f"--{name}", type=float, default=None)
     arch.add_argument("--qk_norm", type=str2bool, default=None)
+    arch.add_argument("--embed_norm", type=str2bool, default=None)
     arch.add_argument("--norm_type", default=None)
     arch.add_argument("--mlp_type", default=None)
     return p
