@@ -582,42 +582,17 @@ def test_estimate_flops_matches_flop_counter(model_type):
 
 
 # -----------------------------------------------------------------------------
-# Parity with transformers' reference implementations (GPT == nanochat, Alcoholic == qwen3 with embed_norm folded)
+# Parity with transformers' reference implementations (GPT == nanochat, Alcoholic == qwen3 with embed_norm folded),
+# through the one mapping in nanochat/hf.py (tests/test_hf.py covers export, import and the tokenizer)
 
 
-def test_gpt_matches_transformers_nanochat():
-    transformers = pytest.importorskip("transformers")
-    model = make_model("gpt")
-    hf_config = transformers.NanoChatConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=SEQ, final_logit_softcapping=15.0,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        rms_norm_eps=torch.finfo(torch.float32).eps)  # F.rms_norm's default eps
-    hf = transformers.NanoChatForCausalLM(hf_config).eval()
-    sd = {"model.embed_tokens.weight": model.transformer.wte.weight, "lm_head.weight": model.lm_head.weight}
-    for i, block in enumerate(model.transformer.h):
-        for ours, theirs in (("c_q", "q_proj"), ("c_k", "k_proj"), ("c_v", "v_proj"), ("c_proj", "o_proj")):
-            sd[f"model.layers.{i}.self_attn.{theirs}.weight"] = getattr(block.attn, ours).weight
-        sd[f"model.layers.{i}.mlp.fc1.weight"] = block.mlp.c_fc.weight
-        sd[f"model.layers.{i}.mlp.fc2.weight"] = block.mlp.c_proj.weight
-    hf.load_state_dict(sd, strict=True)
-    idx = tokens(2, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=0)
+@pytest.mark.parametrize("model_type", TYPES)
+def test_matches_transformers(model_type):
+    pytest.importorskip("transformers")
+    from nanochat.hf import to_hf
 
-
-def test_alcoholic_matches_transformers_qwen3():
-    transformers = pytest.importorskip("transformers")
-    model = make_model("alcoholic")
-    hf_config = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=SEQ, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)
-    hf = transformers.Qwen3ForCausalLM(hf_config).eval()
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("model.embed_")}
-    with torch.no_grad():  # the embedding norm depends on the token only: fold it into the table
-        sd["model.embed_tokens.weight"] = model.model.embed_norm(model.model.embed_tokens.weight)
-    hf.load_state_dict(sd, strict=True)
+    model = make_model(model_type)
+    hf = to_hf(model)
     idx = tokens(2, 24)
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-5, rtol=0)

@@ -7,7 +7,8 @@ Alcoholic: a Qwen3-style model in nanochat's frame.
 - rotary embeddings with a configurable base (1e6 by default, for longer contexts)
 - GQA, no biases, untied embeddings, optional dropout and logit softcap
 Parameter names follow transformers' Qwen3 so that export is a renaming. The extra embed_norm folds into the
-embedding table on export: a norm of a looked-up row depends on the token id only.
+embedding table on export: a norm of a looked-up row depends on the token id only. A Qwen3 imported from
+transformers has no such norm: embed_norm=False leaves it out.
 """
 
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class AlcoholicNanoConfig:
         "help": "channels per head (default n_embd / n_head); any even value, attention width n_head * head_dim"})
     norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of every norm"})
     logit_softcap: float | None = field(default=None, metadata={"help": "squash logits into [-c, c] (default off)"})
+    embed_norm: bool = field(default=True, metadata={
+        "help": "norm after the token embedding; False for a plain Qwen3 (imported from transformers)"})
 
     def __post_init__(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
@@ -169,7 +172,7 @@ class Alcoholic(BaseLM):
         self.logit_softcap = config.logit_softcap
         self.model = nn.ModuleDict({
             "embed_tokens": nn.Embedding(config.vocab_size, config.n_embd),
-            "embed_norm": make_norm(config, config.n_embd),  # input norm
+            **({"embed_norm": make_norm(config, config.n_embd)} if config.embed_norm else {}),  # input norm
             "layers": nn.ModuleList([DecoderLayer(config, i) for i in range(config.n_layer)]),
             "norm": make_norm(config, config.n_embd),  # output norm
         })
@@ -204,7 +207,9 @@ class Alcoholic(BaseLM):
         B, T = idx.size()
         t0 = 0 if kv_cache is None else kv_cache.pos  # decoding continues at the cache's position
         cos_sin = self.rotary(t0, T)
-        x = self.model.embed_norm(self.model.embed_tokens(idx))
+        x = self.model.embed_tokens(idx)
+        if self.config.embed_norm:
+            x = self.model.embed_norm(x)
         for layer in self.model.layers:
             x = layer(x, cos_sin, kv_cache)
         x = self.model.norm(x)
