@@ -81,7 +81,9 @@ def rollout(engine, tokenizer, task, index, args, seed):
     with autocast_ctx(model.get_device().type):
         rows, masks = engine.generate_batch(prompt, num_samples=args.num_samples, max_tokens=args.max_new_tokens,
                                             temperature=args.temperature, top_k=args.top_k, seed=seed, keep_end=True)
-    rewards = [task.reward(conversation, tokenizer.decode(row[len(prompt):])) for row in rows]
+    ends = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id())
+    answers = [row[len(prompt):-1] if row[-1] in ends else row[len(prompt):] for row in rows]
+    rewards = [task.reward(conversation, tokenizer.decode(answer)) for answer in answers]
     return rows, masks, rewards
 
 

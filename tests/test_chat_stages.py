@@ -1,0 +1,282 @@
+"""Chat stages: the conversation loaders, the SFT loss mask, RL rewards and advantages, base -> mid -> sft -> rl with
+the model type carried along, and exact resume of chat_sft after a SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_last_step, load_model, read_meta
+from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
+from nanochat.models import MODEL_TYPES
+from nanochat.tokenizer import get_tokenizer
+from nanochat.trainer import forward_backward
+from scripts import base_train, chat_rl, chat_sft, mid_train
+from tasks.common import Task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=64", "--device_batch_size=2", "--eval_every=-1",
+        "--eval_tokens=128", "--sample_every=-1"]
+FAST = ["--eval_steps=2", "--eval_every=-1"]
+
+
+class ListTask(Task):
+    def __init__(self, conversations):
+        super().__init__()
+        self.conversations = conversations
+
+    def num_examples(self):
+        return len(self.conversations)
+
+    def get_example(self, index):
+        return self.conversations[index]
+
+
+def conversation(i, words=1):
+    return {"messages": [{"role": "user", "content": f"question {i} " * words},
+                         {"role": "assistant", "content": [
+                             {"type": "text", "text": f"answer {i} "},
+                             {"type": "python", "text": f"{i}+1"},
+                             {"type": "python_output", "text": str(i + 1)},
+                             {"type": "text", "text": f"#### {i + 1}"}]}]}
+
+
+@pytest.fixture
+def tokenizer(base_env):
+    return get_tokenizer()
+
+
+# -----------------------------------------------------------------------------
+# Loaders
+
+
+def test_packed_rows_start_with_bos_and_hold_whole_conversations(tokenizer):
+    task = ListTask([conversation(i, words=1 + i % 4) for i in range(40)])
+    rendered = [tokenizer.render_conversation(task[i], max_tokens=None)[0] for i in range(40)]
+    assert 2 * min(map(len, rendered)) <= 128 and max(map(len, rendered)) <= 128  # a row holds one or more
+    loader = PackedConversationLoader(task, tokenizer, B=3, T=127, pool=4, rank=0, world_size=1)
+    bos = tokenizer.get_bos_token_id()
+    placed = []
+    for _ in range(4):
+        x, y = next(loader)
+        assert x.shape == y.shape == (3, 127)
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            assert row_x[0] == bos  # BOS-aligned: every row starts a conversation
+            valid = [t for t in row_y if t != -1]
+            tokens = [row_x[0]] + valid  # the row's tokens up to the padding
+            assert all(t == -1 for t in row_y[len(valid):])  # padding only at the end
+            while tokens:  # the row is whole rendered conversations, one after the other
+                match = next(r for r in rendered if tokens[:len(r)] == r)
+                placed.append(rendered.index(match))
+                tokens = tokens[len(match):]
+    assert len(placed) == len(set(placed))  # no conversation twice
+    assert len(placed) > 12  # some rows hold two conversations
+
+
+def test_packed_loader_crops_a_conversation_longer_than_a_row(tokenizer):
+    long = conversation(1, words=40)
+    ids = tokenizer.render_conversation(long, max_tokens=None)[0]
+    x, y = next(PackedConversationLoader(ListTask([long]), tokenizer, 1, 32, rank=0, world_size=1))
+    assert len(ids) > 33 and x[0].tolist() == ids[:32] and y[0].tolist() == ids[1:33]
+
+
+def test_padded_loader_learns_only_the_assistant(tokenizer):
+    task = ListTask([conversation(i) for i in range(5)])
+    loader = PaddedConversationLoader(task, tokenizer, B=2, T=64, rank=0, world_size=1)
+    x, y = next(loader)
+    for row in range(2):
+        ids, mask = tokenizer.render_conversation(task[row], max_tokens=None)
+        n = len(ids) - 1
+        assert x[row, :n].tolist() == ids[:-1]
+        expected = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        assert y[row, :n].tolist() == expected and all(t == -1 for t in y[row, n:].tolist())
+        assert any(t != -1 for t in expected) and expected.count(-1) > 0
+
+
+@pytest.mark.parametrize("loader_cls", [PackedConversationLoader, PaddedConversationLoader])
+def test_conversation_loaders_resume_exactly(tokenizer, loader_cls):
+    task = ListTask([conversation(i, words=1 + i % 5) for i in range(11)])
+    a = loader_cls(task, tokenizer, 2, 48, rank=0, world_size=1)
+    for _ in range(5):  # past the end of the first epoch
+        next(a)
+    state = json.loads(json.dumps(a.state_dict()))  # what a checkpoint stores
+    b = loader_cls(task, tokenizer, 2, 48, rank=0, world_size=1)
+    b.load_state_dict(state)
+    for _ in range(6):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+# -----------------------------------------------------------------------------
+# The SFT loss
+
+
+def tiny_model(model_type, vocab_size):
+    from nanochat.models import build_model, config_from_depth
+
+    torch.manual_seed(0)
+    return build_model(model_type, config_from_depth(model_type, 1, 64, vocab_size, head_dim=32))
+
+
+@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
+def test_sft_loss_has_no_gradient_outside_the_assistant(tokenizer, model_type):
+    model = tiny_model(model_type, tokenizer.get_vocab_size())
+    x, y = next(PaddedConversationLoader(ListTask([conversation(3), conversation(12, words=4)]), tokenizer, 2, 64,
+                                         rank=0, world_size=1))
+    captured = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        captured["logits"] = out
+
+    model.lm_head.register_forward_hook(keep)
+    model(x, y).backward()
+    grad = captured["logits"].grad.abs().sum(-1)  # (B, T)
+    assert torch.all(grad[y == -1] == 0)  # exactly zero: user turn, tool output, padding
+    assert torch.all(grad[y != -1] > 0)
+
+
+def test_a_step_without_supervised_tokens_is_finite_and_changes_nothing(tokenizer):
+    model = tiny_model("gpt", tokenizer.get_vocab_size())
+    x = torch.randint(0, 100, (2, 16))
+    y = torch.full_like(x, -1)
+    loss = model(x, y)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    assert forward_backward(model, [(x, y)], False, 1, "cpu") == (None, 0)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# -----------------------------------------------------------------------------
+# RL
+
+
+def test_rl_rewards_and_advantages_by_hand(tokenizer):
+    class Problems(Task):
+        def num_examples(self):
+            return 1
+
+        def get_example(self, index):
+            return conversation(4)
+
+        def reward(self, conversation, completion):
+            return float(completion.strip().endswith("#### 5"))
+
+    class Scripted:  # an Engine stand-in that "samples" fixed answers: two right, one wrong, one half-right
+        model = type("M", (), {"get_device": lambda self: torch.device("cpu")})()
+
+        def generate_batch(self, prompt, num_samples, keep_end, **kwargs):
+            texts = ["so #### 5", "#### 6", "hm #### 5", "#### 55"]
+            rows = [prompt + tokenizer.encode(t) + [tokenizer.encode_special("<|assistant_end|>")] for t in texts]
+            return rows, [[0] * len(prompt) + [1] * (len(r) - len(prompt)) for r in rows]
+
+    args = chat_rl.build_parser().parse_args(["--num_samples=4", "--max_new_tokens=8"])
+    rows, masks, rewards = chat_rl.rollout(Scripted(), tokenizer, Problems(), 0, args, seed=0)
+    assert rewards == [1.0, 0.0, 1.0, 0.0]
+    assert chat_rl.advantages(rewards) == [0.5, -0.5, 0.5, -0.5]
+    assert chat_rl.advantages([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]  # nothing to learn when all agree
+    batches = chat_rl.policy_batches(rows, masks, chat_rl.advantages(rewards), 0, torch.device("cpu"), 3)
+    assert [b[0].shape[0] for b in batches] == [3, 1]
+    prompt_len = masks[0].index(1)
+    y = torch.cat([b[1] for b in batches])
+    for r, row in enumerate(rows):  # targets: every sampled token (the ending one included), nothing else
+        assert torch.all(y[r, :prompt_len - 1] == -1)
+        assert y[r, prompt_len - 1:len(row) - 1].tolist() == row[prompt_len:]
+        assert torch.all(y[r, len(row) - 1:] == -1)
+    x, y, a = batches[0]
+    model = tiny_model("gpt", tokenizer.get_vocab_size())
+    nll = model(x, y, loss_reduction="none")
+    torch.testing.assert_close(chat_rl.pg_loss(model, x, y, a), (nll * a[:, None]).sum())
+
+
+# -----------------------------------------------------------------------------
+# The stages end to end
+
+
+@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
+def test_model_type_survives_base_mid_sft_rl(base_env, model_type):
+    tag = f"{model_type}_d1"
+    base_train.main([f"--model_type={model_type}", *TINY, "--num_iterations=2"])
+    mid_train.main([f"--model_tag={tag}", "--num_iterations=2", *FAST])
+    chat_sft.main([f"--model_tag={tag}", "--num_iterations=2", *FAST, "--save_every=1"])
+    chat_rl.main([f"--model_tag={tag}", "--num_iterations=1", "--examples_per_step=1", "--num_samples=2",
+                  "--max_new_tokens=4", "--eval_examples=1", "--device_batch_size=2"])
+    lineage = []
+    for stage in ("base", "mid", "sft", "rl"):
+        d = checkpoint_dir(stage, tag)
+        meta = read_meta(d, find_last_step(d))
+        assert meta["model_type"] == model_type
+        assert [(e["source"], e["step"]) for e in meta["lineage"]] == lineage
+        lineage.append((stage, meta["step"]))
+        model, _, _ = load_model(stage, model_tag=tag)
+        assert model.model_type == model_type
+    assert [r["step"] for r in map(json.loads, open(os.path.join(checkpoint_dir("sft", tag), "metrics.jsonl")))
+            if "val_loss" in r] == [0, 2]
+    other = next(t for t in MODEL_TYPES if t != model_type)
+    with pytest.raises(CheckpointError, match=f"holds a '{model_type}' model, but --model_type={other}"):
+        load_model("sft", model_tag=tag, model_type=other)
+    with pytest.raises(CheckpointError, match=f"holds a '{model_type}' model, but --model_type={other}"):
+        chat_sft.main([f"--model_tag={tag}", f"--model_type={other}", "--num_iterations=1", *FAST])
+
+
+def test_wrong_model_type_is_one_line_from_the_command_line(base_env):
+    base_train.main(["--model_type=alcoholic", *TINY, "--num_iterations=1"])
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_env), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "-i", "base", "--model_tag=alcoholic_d1",
+                           "--model_type=gpt", "--num_iterations=1"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: checkpoint ") and "holds a 'alcoholic' model, but --model_type=gpt" in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_sft_sigkill_then_resume_is_bitwise_identical(base_env):
+    """Both runs are processes of the same binary with OMP_NUM_THREADS=1: the same float operations in the same
+    order, so bitwise equality holds on any machine."""
+    for tag in ("ref", "victim"):  # the same seed: two identical base models under two tags
+        base_train.main(["--model_type=gpt", *TINY, "--num_iterations=1", f"--model_tag={tag}"])
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_env), OMP_NUM_THREADS="1")
+    steps = 24
+
+    def sft(tag, *extra):
+        return subprocess.Popen([sys.executable, "-m", "scripts.chat_sft", "-i", "base", f"--model_tag={tag}",
+                                 f"--num_iterations={steps}", "--save_every=4", "--eval_steps=1", *extra],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def losses(tag):
+        with open(os.path.join(checkpoint_dir("sft", tag), "metrics.jsonl")) as f:
+            return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+    ref = sft("ref")  # runs beside the victim, on the other core
+    victim = sft("victim")
+    d = checkpoint_dir("sft", "victim")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a checkpoint exists and training went on past it
+        if os.path.exists(os.path.join(d, "metrics.jsonl")) and len(losses("victim")) >= 10:
+            break
+        assert victim.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = find_last_step(d)
+    assert 4 <= killed_at < steps
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+
+    resumed = sft("victim", "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"Resuming {d} from step {killed_at}" in out
+    assert losses("victim") == losses("ref")  # bitwise: floats compared exactly
+    assert sorted(losses("ref")) == list(range(steps))
+    a, _, _ = load_model("sft", model_tag="ref")
+    b, _, _ = load_model("sft", model_tag="victim")
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), k
