@@ -24,10 +24,9 @@ from multiprocessing.pool import ThreadPool
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import requests
 from tqdm import tqdm
 
-from nanochat.common import atomic_write_bytes, get_base_dir, print0
+from nanochat.common import DownloadError, atomic_write_bytes, download_file, get_base_dir, print0
 
 SPLITS = ("train", "val")
 
@@ -183,10 +182,6 @@ MAX_SHARD = 1822  # shards 0..1822 exist
 CHUNK_BYTES = 1 << 20
 
 
-class PermanentHTTPError(Exception):
-    """An HTTP error that retrying will not fix (e.g. 404)."""
-
-
 def shard_filename(index):
     return f"shard_{index:05d}.parquet"
 
@@ -203,51 +198,23 @@ def validate_parquet(path):
     return pq.ParquetFile(path).metadata.num_rows  # parses the footer
 
 
-def fetch_to_file(url, path, timeout):
-    with requests.get(url, stream=True, timeout=timeout) as r:
-        if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
-            raise PermanentHTTPError(f"HTTP {r.status_code} for {url}")
-        r.raise_for_status()
-        written = 0
-        with open(path, "wb") as f:  # "wb": a partial file left by an interrupted run is overwritten
-            for chunk in r.iter_content(chunk_size=CHUNK_BYTES):
-                f.write(chunk)
-                written += len(chunk)
-        expected = r.headers.get("Content-Length")
-        if expected is not None and r.headers.get("Content-Encoding", "identity") == "identity":
-            if written != int(expected):
-                raise OSError(f"truncated download: got {written} of {expected} bytes")
-
-
 def download_shard(index, data_dir, base_url=BASE_URL, attempts=5, backoff=2.0, timeout=30):
-    """Download one shard (skipped if present) via a .tmp file, validated, then renamed into place.
+    """Download one shard (skipped if present) with common.download_file: validated, then renamed into place.
     Retries with exponential backoff: waits backoff, 2*backoff, 4*backoff, ... seconds. Returns True on success."""
     filename = shard_filename(index)
     path = os.path.join(data_dir, filename)
-    if os.path.exists(path):  # only ever created by the rename below, after validation
+    if os.path.exists(path):  # only ever created by the rename in download_file, after validation
         return True
     url = f"{base_url.rstrip('/')}/{filename}"
-    tmp = path + ".tmp"
-    for attempt in range(1, attempts + 1):
-        try:
-            fetch_to_file(url, tmp, timeout)
-            validate_parquet(tmp)
-            os.replace(tmp, path)
-            print(f"Downloaded {filename}", flush=True)
-            return True
-        except PermanentHTTPError as e:
-            print(f"Failed {filename}: {e}", flush=True)
-            break
-        except (requests.RequestException, OSError, ValueError, pa.ArrowException) as e:
-            if attempt == attempts:
-                print(f"Failed {filename} after {attempts} attempts: {e}", flush=True)
-                break
-            wait = backoff * 2 ** (attempt - 1)
-            print(f"Attempt {attempt}/{attempts} for {filename} failed ({e}); retrying in {wait:.1f}s", flush=True)
-            time.sleep(wait)
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    return False
+    try:
+        download_file(url, path, retries=attempts, backoff=backoff, timeout=timeout, validate=validate_parquet,
+                      name=filename, chunk_bytes=CHUNK_BYTES)
+    except DownloadError as e:
+        why = f": {e}" if e.permanent else f" after {e.attempts} attempts: {e.reason}"
+        print(f"Failed {filename}{why}", flush=True)
+        return False
+    print(f"Downloaded {filename}", flush=True)
+    return True
 
 
 def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, attempts=5, backoff=2.0):
