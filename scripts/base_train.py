@@ -25,6 +25,7 @@ from nanochat.checkpoint import (
     find_last_step,
     load_model_from_dir,
     load_rank_state,
+    rank_state_path,
     save_checkpoint,
 )
 from nanochat.common import (
@@ -35,6 +36,7 @@ from nanochat.common import (
     get_base_dir,
     get_peak_flops,
     logger,
+    one_line,
     parse_args,
     print0,
     run_cli,
@@ -369,10 +371,14 @@ def train(args):
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     train_loader = DataLoader(args.device_batch_size, args.max_seq_len, "train", tokenizer=tokenizer, device=device)
     if resume_state is not None:
-        for opt, state in zip(optimizers, resume_state["optimizers"]):
-            opt.load_state_dict(state)
-        train_loader.load_state_dict(resume_state["dataloader"])
-        set_rng_state(resume_state["rng"])
+        try:
+            for opt, state in zip(optimizers, resume_state["optimizers"], strict=True):
+                opt.load_state_dict(state)
+            train_loader.load_state_dict(resume_state["dataloader"])
+            set_rng_state(resume_state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign rank state
+            raise CheckpointError(f"{rank_state_path(ckpt_dir, start_step, rank)} does not fit this run "
+                                  f"({type(e).__name__}: {one_line(e)}); start without --resume") from e
         if master:
             truncate_metrics(metrics_path, start_step)
     elif master and os.path.exists(metrics_path):
