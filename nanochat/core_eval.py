@@ -16,7 +16,6 @@ network the small offline bundle shipped in data/eval_bundle is used (fewer task
 
 import csv
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -24,14 +23,13 @@ import shutil
 import time
 import zipfile
 
-import requests
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import download_file, get_base_dir, print0, remove_orphan_tmp_files
 
 CORE_TASKS = [
     "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa", "commonsense_qa",
@@ -225,30 +223,16 @@ def load_task_data(bundle_dir, task):
 
 
 def download_bundle(dest_dir, url=OFFICIAL_BUNDLE_URL, sha256=OFFICIAL_BUNDLE_SHA256, retries=3, timeout=60):
-    """Download a zipped bundle, check its sha256, extract it to dest_dir. dest_dir appears complete or not at
-    all (extracted to a temp folder, then renamed); a checksum mismatch is never retried nor extracted."""
+    """Download a zipped bundle (common.download_file: retries, sha256 check), extract it to dest_dir. dest_dir
+    appears complete or not at all (extracted to a temp folder, then renamed); a checksum mismatch is never retried
+    nor extracted. Raises DownloadError (a RuntimeError; ChecksumError, a ValueError, on a mismatch)."""
     parent = os.path.dirname(os.path.abspath(dest_dir))
     os.makedirs(parent, exist_ok=True)
     tmp_zip, tmp_dir = f"{dest_dir}.zip.tmp.{os.getpid()}", f"{dest_dir}.tmp.{os.getpid()}"
+    remove_orphan_tmp_files(parent, prefix=os.path.basename(dest_dir) + ".zip.tmp")  # a killed earlier download
     try:
-        for attempt in range(1, retries + 1):
-            try:
-                digest = hashlib.sha256()
-                with requests.get(url, stream=True, timeout=(10, timeout)) as r, open(tmp_zip, "wb") as f:
-                    r.raise_for_status()
-                    for chunk in r.iter_content(1 << 20):
-                        f.write(chunk)
-                        digest.update(chunk)
-                break
-            except requests.RequestException as e:
-                reason = f"{type(e).__name__}: {str(e)[:120]}"
-                if attempt == retries:
-                    raise RuntimeError(f"could not download {url} after {retries} attempts ({reason})") from e
-                print0(f"download attempt {attempt}/{retries} of {url} failed ({type(e).__name__}); retrying")
-                time.sleep(attempt)
-        if sha256 and digest.hexdigest() != sha256:
-            raise ValueError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}; "
-                             f"the bundle was not installed")
+        download_file(url, tmp_zip, retries=retries, backoff=1.0, timeout=timeout, expected_sha256=sha256,
+                      validate=lambda path: zipfile.ZipFile(path).close(), name=os.path.basename(url))
         with zipfile.ZipFile(tmp_zip) as zf:
             for name in zf.namelist():  # no member may land outside the temp folder
                 if os.path.isabs(name) or ".." in name.split("/"):

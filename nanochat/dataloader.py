@@ -6,6 +6,9 @@ batches, appends them to one token buffer, and cuts windows of B*T+1 tokens from
 targets the last B*T. Consecutive windows share one token, so every token of the stream is a target exactly once.
 The loader loops over epochs forever.
 
+Shards and row groups without usable text are skipped (see dataset.iter_row_groups); a rank left with nothing
+to read gets a DataError instead of looping forever.
+
 Resumable: the state is where the stream stands (epoch, the row group being read, how many of its documents are
 tokenized) plus the tokens already tokenized but not emitted, so a restored loader yields exactly the same batches.
 """
@@ -13,7 +16,7 @@ tokenized) plus the tokens already tokenized but not emitted, so a restored load
 import torch
 
 from nanochat.common import get_dist_info
-from nanochat.dataset import iter_row_groups
+from nanochat.dataset import DataError, iter_row_groups
 
 
 class DataLoader:
@@ -51,10 +54,10 @@ class DataLoader:
         try:
             docs, pos = next(self._row_groups)
         except StopIteration:
-            if self.cur_pos is None:
-                raise RuntimeError(
+            if self.cur_pos is None:  # iter_row_groups raises first; kept so that an empty epoch can never loop
+                raise DataError(
                     f"rank {self.rank} of {self.world_size} got no row groups of split {self.split!r}: the split has "
-                    f"fewer row groups than ranks; use fewer ranks or more data"
+                    f"fewer usable row groups than ranks; use fewer ranks or more data"
                 ) from None
             self.epoch += 1  # end of the split: start the next epoch from the first row group
             self.prev_pos, self.cur_pos, self.docs, self.doc_idx, self._row_groups = None, None, [], 0, None

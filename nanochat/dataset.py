@@ -24,10 +24,18 @@ from multiprocessing.pool import ThreadPool
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import requests
 from tqdm import tqdm
 
-from nanochat.common import atomic_write_bytes, get_base_dir, print0
+from nanochat.common import (
+    DownloadError,
+    UserError,
+    atomic_write_bytes,
+    download_file,
+    get_base_dir,
+    logger,
+    one_line,
+    print0,
+)
 
 SPLITS = ("train", "val")
 
@@ -137,36 +145,119 @@ def list_parquet_files(data_dir=None):
     return sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".parquet"))
 
 
+class DataError(UserError):
+    """Training data that cannot be used; the message names the shards, what is wrong with them and what to do."""
+
+
+class MissingShardsError(DataError, FileNotFoundError):
+    """Fewer than two shards: no training split and validation split."""
+
+
 def split_files(split):
+    """The shards of a split: the last shard by name is the validation split, all others the training split.
+    Broken shards stay in these lists (and so keep their indices, which resume positions refer to): they are
+    skipped while reading, so a broken last shard never turns a training shard into validation data."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
     data_dir = get_data_dir()
     files = list_parquet_files(data_dir)
     if len(files) < 2:
-        raise FileNotFoundError(
+        raise MissingShardsError(
             f"found {len(files)} parquet shard(s) in {data_dir}, need at least 2 (the last one is the validation "
             f"split): download more with `python -m nanochat.dataset -n 2`, or empty {data_dir} to use the "
             f"embedded corpus")
     return files[:-1] if split == "train" else files[-1:]
 
 
+_warned = set()  # (path, what): each broken shard is reported once per process, not once per epoch
+
+
+def _warn_once(path, what, message):
+    if (path, what) not in _warned:
+        _warned.add((path, what))
+        logger.warning(message)
+
+
+def open_shard(path):
+    """(ParquetFile, None) for a usable shard; (None, reason) for one to skip: unreadable (0 bytes, not parquet,
+    cut short), without a string `text` column, or without rows."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        return None, f"not a readable parquet file ({one_line(e)})"
+    schema = pf.schema_arrow
+    i = schema.get_field_index("text")  # -1 when missing (or ambiguous)
+    if i < 0:
+        return None, f"no 'text' column (columns: {', '.join(schema.names) or 'none'})"
+    if not (pa.types.is_string(schema.field(i).type) or pa.types.is_large_string(schema.field(i).type)):
+        return None, f"column 'text' has type {schema.field(i).type}, expected string"
+    if pf.metadata.num_rows == 0:
+        return None, "no rows"
+    return pf, None
+
+
+def read_row_group_docs(pf, path, rg_idx):
+    """The non-null texts of one row group; [] (with a warning) when it cannot be read or has no text."""
+    try:
+        texts = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        _warn_once(path, f"rg{rg_idx}", f"skipping row group {rg_idx} of {path}: unreadable ({one_line(e)})")
+        return []
+    docs = [t for t in texts if t is not None]
+    if len(docs) < len(texts):
+        _warn_once(path, "null", f"{path}: skipping null texts (e.g. {len(texts) - len(docs)} of {len(texts)} in "
+                                 f"row group {rg_idx})")
+    return docs
+
+
 def iter_row_groups(split, start=0, step=1, resume=None):
     """One pass over a split, yielding (docs, (shard_idx, rg_idx)) per row group.
     Rank r of w passes start=r, step=w: inside every shard it reads row groups r, r+w, r+2w, ...
-    resume=(shard_idx, rg_idx), the position of the last row group consumed, continues just after it."""
+    resume=(shard_idx, rg_idx), the position of the last row group consumed, continues just after it.
+    Unusable shards and row groups without text are skipped with a warning; a whole pass without any usable row
+    group is a DataError (a loader looping over epochs would otherwise spin forever)."""
     if step < 1 or not 0 <= start < step:
         raise ValueError(f"need step >= 1 and 0 <= start < step, got start={start}, step={step}")
     files = split_files(split)
     resume = tuple(resume) if resume is not None else None  # may come back from JSON as a list
+    yielded, skipped, textless = False, [], set()
     for shard_idx, path in enumerate(files):
         if resume is not None and shard_idx < resume[0]:
             continue
-        pf = pq.ParquetFile(path)
+        pf, reason = open_shard(path)
+        if pf is None:
+            skipped.append(f"{os.path.basename(path)} ({reason})")
+            _warn_once(path, "shard", f"skipping shard {path}: {reason}")
+            continue
         for rg_idx in range(start, pf.num_row_groups, step):
             if resume is not None and (shard_idx, rg_idx) <= resume:
                 continue
-            docs = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-            yield docs, (shard_idx, rg_idx)
+            docs = read_row_group_docs(pf, path, rg_idx)
+            if docs:
+                yielded = True
+                yield docs, (shard_idx, rg_idx)
+            else:
+                textless.add(os.path.basename(path))
+    if not yielded and resume is None:
+        raise DataError(_nothing_usable_message(split, files, skipped, sorted(textless), start, step))
+
+
+def _nothing_usable_message(split, files, skipped, textless, start, step):
+    where = f"rank {start} of {step} got" if step > 1 else "found"
+    msg = f"{where} no usable text in the {split!r} split ({len(files)} shard(s) in {os.path.dirname(files[0])})"
+    if skipped:
+        msg += f"; skipped {len(skipped)}: {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
+    if textless:
+        msg += f"; only null texts or unreadable row groups in {', '.join(textless[:3])}"
+    if split == "val":
+        msg += (". The validation split is the last shard by name: re-download it (delete it, then run "
+                "`python -m nanochat.dataset -n N` again) or delete it to make the shard before it the validation "
+                "split")
+    else:
+        msg += ". Re-download or delete the broken shards (`python -m nanochat.dataset -n N` fetches missing ones)"
+    if step > 1 and len(skipped) < len(files):
+        msg += f", or use fewer than {step} ranks (each rank reads every {step}-th row group of a shard)"
+    return msg
 
 
 def parquets_iter_batched(split, start=0, step=1):
@@ -181,10 +272,6 @@ def parquets_iter_batched(split, start=0, step=1):
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # shards 0..1822 exist
 CHUNK_BYTES = 1 << 20
-
-
-class PermanentHTTPError(Exception):
-    """An HTTP error that retrying will not fix (e.g. 404)."""
 
 
 def shard_filename(index):
@@ -203,51 +290,23 @@ def validate_parquet(path):
     return pq.ParquetFile(path).metadata.num_rows  # parses the footer
 
 
-def fetch_to_file(url, path, timeout):
-    with requests.get(url, stream=True, timeout=timeout) as r:
-        if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
-            raise PermanentHTTPError(f"HTTP {r.status_code} for {url}")
-        r.raise_for_status()
-        written = 0
-        with open(path, "wb") as f:  # "wb": a partial file left by an interrupted run is overwritten
-            for chunk in r.iter_content(chunk_size=CHUNK_BYTES):
-                f.write(chunk)
-                written += len(chunk)
-        expected = r.headers.get("Content-Length")
-        if expected is not None and r.headers.get("Content-Encoding", "identity") == "identity":
-            if written != int(expected):
-                raise OSError(f"truncated download: got {written} of {expected} bytes")
-
-
 def download_shard(index, data_dir, base_url=BASE_URL, attempts=5, backoff=2.0, timeout=30):
-    """Download one shard (skipped if present) via a .tmp file, validated, then renamed into place.
+    """Download one shard (skipped if present) with common.download_file: validated, then renamed into place.
     Retries with exponential backoff: waits backoff, 2*backoff, 4*backoff, ... seconds. Returns True on success."""
     filename = shard_filename(index)
     path = os.path.join(data_dir, filename)
-    if os.path.exists(path):  # only ever created by the rename below, after validation
+    if os.path.exists(path):  # only ever created by the rename in download_file, after validation
         return True
     url = f"{base_url.rstrip('/')}/{filename}"
-    tmp = path + ".tmp"
-    for attempt in range(1, attempts + 1):
-        try:
-            fetch_to_file(url, tmp, timeout)
-            validate_parquet(tmp)
-            os.replace(tmp, path)
-            print(f"Downloaded {filename}", flush=True)
-            return True
-        except PermanentHTTPError as e:
-            print(f"Failed {filename}: {e}", flush=True)
-            break
-        except (requests.RequestException, OSError, ValueError, pa.ArrowException) as e:
-            if attempt == attempts:
-                print(f"Failed {filename} after {attempts} attempts: {e}", flush=True)
-                break
-            wait = backoff * 2 ** (attempt - 1)
-            print(f"Attempt {attempt}/{attempts} for {filename} failed ({e}); retrying in {wait:.1f}s", flush=True)
-            time.sleep(wait)
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    return False
+    try:
+        download_file(url, path, retries=attempts, backoff=backoff, timeout=timeout, validate=validate_parquet,
+                      name=filename, chunk_bytes=CHUNK_BYTES)
+    except DownloadError as e:
+        why = f": {e}" if e.permanent else f" after {e.attempts} attempts: {e.reason}"
+        print(f"Failed {filename}{why}", flush=True)
+        return False
+    print(f"Downloaded {filename}", flush=True)
+    return True
 
 
 def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, attempts=5, backoff=2.0):

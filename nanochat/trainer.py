@@ -30,6 +30,7 @@ from nanochat.checkpoint import (
     get_rng_state,
     load_model_from_dir,
     load_rank_state,
+    rank_state_path,
     save_checkpoint,
     set_rng_state,
 )
@@ -40,6 +41,7 @@ from nanochat.common import (
     compute_cleanup,
     get_dist_info,
     get_peak_flops,
+    one_line,
     print0,
     str2bool,
     synchronize,
@@ -248,6 +250,20 @@ def resume_from(source, model_tag, device, tokenizer, model_type=None):
     return model, Resume(step, load_rank_state(ckpt_dir, step, rank), meta)
 
 
+def restore(optimizers, loader, rank_state, ckpt_dir, step, rank):
+    """Put optimizers, data position and RNG back where a checkpoint left them; a rank state that loads but does not
+    fit this run (another model, optimizer or loader) is a one-line error naming its file."""
+    try:
+        for opt, state in zip(optimizers, rank_state["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        if loader is not None:
+            loader.load_state_dict(rank_state["dataloader"])
+        set_rng_state(rank_state["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{rank_state_path(ckpt_dir, step, rank)} does not fit this run "
+                              f"({type(e).__name__}: {one_line(e)}); start without --resume") from e
+
+
 def init_wandb(args, master):
     if args.run == "dummy" or not master:
         return DummyWandb()
@@ -325,10 +341,7 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
 
     optimizers = setup_optimizers(model, args)
     if rank_state is not None:
-        for opt, state in zip(optimizers, rank_state["optimizers"]):
-            opt.load_state_dict(state)
-        loader.load_state_dict(rank_state["dataloader"])
-        set_rng_state(rank_state["rng"])
+        restore(optimizers, loader, rank_state, checkpoint_dir(source, model_tag), start_step, rank)
         if master:
             truncate_metrics(metrics_path, start_step)
     elif master and os.path.exists(metrics_path):

@@ -23,7 +23,6 @@ from nanochat.checkpoint import (
     get_rng_state,
     load_model,
     save_checkpoint,
-    set_rng_state,
 )
 from nanochat.common import UserError, autocast_ctx, compute_init, get_dist_info, parse_args, print0, run_cli
 from nanochat.engine import Engine
@@ -41,6 +40,7 @@ from nanochat.trainer import (
     lr_multiplier,
     optimizer_step,
     params_are_finite,
+    restore,
     resume_from,
     run_stage,
     setup_optimizers,
@@ -163,9 +163,7 @@ def run(args):
     start_step = 0
     if resume is not None:
         start_step = resume.step
-        for opt, state in zip(optimizers, resume.rank_state["optimizers"]):
-            opt.load_state_dict(state)
-        set_rng_state(resume.rank_state["rng"])
+        restore(optimizers, None, resume.rank_state, ckpt_dir, start_step, rank)
         if master:
             truncate_metrics(metrics_path, start_step)
     elif master and os.path.exists(metrics_path):

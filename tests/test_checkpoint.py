@@ -42,7 +42,7 @@ def save(model, tag, step=5, source="base", rank_state=None):
 def test_roundtrip_picks_class_from_meta(base_env, model_type):
     model = make_model(model_type)
     d = save(model, f"{model_type}_d2", rank_state={"x": torch.arange(3)})
-    assert sorted(os.listdir(d)) == ["meta_000005.json", "model_000005.safetensors", "optim_000005_rank0.pt"]
+    assert sorted(os.listdir(d)) == ["meta_000005.json", "model_000005.safetensors", "optim_000005_rank0.safetensors"]
     loaded, tokenizer, meta = load_model("base", model_tag=f"{model_type}_d2")  # no model_type given
     assert type(loaded) is type(model) and meta["model_type"] == model_type and meta["step"] == 5
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -153,3 +153,57 @@ def test_resolve_source_prefers_most_trained_stage(base_env):
     assert resolve_source(None) == "base" and resolve_source("sft") == "sft"
     save(make_model("alcoholic"), "alcoholic_d2", source="sft")
     assert resolve_source(None) == "sft" and resolve_source(None, model_type="gpt") == "base"
+
+
+# -----------------------------------------------------------------------------
+# Rank state: safetensors + JSON, exact round trip
+
+
+def assert_identical(a, b, path="state"):
+    """Same types, same values, tensors bit for bit (dtype and shape included)."""
+    assert type(a) is type(b), (path, type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            assert_identical(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{path}/{i}")
+    elif isinstance(a, float) and a != a:
+        assert b != b, path  # nan
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_rank_state_round_trip_is_exact(model_type):
+    from nanochat.checkpoint import decode_rank_state, encode_rank_state
+
+    model = make_model(model_type, depth=1)
+    optimizers = model.setup_optimizers()
+    for _ in range(2):  # AdamW moments and step counts, Muon momentum buffers
+        idx = torch.randint(0, 512, (2, 16))
+        model(idx, idx).backward()
+        for opt in optimizers:
+            opt.step()
+    state = {"optimizers": [opt.state_dict() for opt in optimizers],
+             "dataloader": {"epoch": 1, "prev_pos": None, "cur_pos": [0, 3], "buffer": [5, 6, 7]},
+             "rng": {"torch": torch.get_rng_state(), "cuda": [torch.get_rng_state()]}}
+    assert any(isinstance(k, int) for k in state["optimizers"][0]["state"])  # int keys survive as ints
+    assert_identical(state, decode_rank_state(encode_rank_state(state)))
+
+
+def test_rank_state_round_trip_edge_cases():
+    from nanochat.checkpoint import decode_rank_state, encode_rank_state
+
+    shared = torch.arange(6.0)
+    state = {"floats": [float("nan"), float("inf"), -float("inf"), 0.1, -0.0], "tuple": (1, (2, "x"), None),
+             "int_keys": {0: "a", 1: {True: 2}}, "__tensor__": "a plain key that looks like a tag",
+             "tensors": [torch.zeros(0), torch.tensor(3), torch.ones(2, 3, dtype=torch.bfloat16), shared, shared[2:4]],
+             "empty": {}, "nested": [[{"deep": [torch.tensor([True, False])]}]]}
+    assert_identical(state, decode_rank_state(encode_rank_state(state)))
+    with pytest.raises(TypeError, match="cannot save a set at x/0 of a rank state"):
+        encode_rank_state({"x": [{1, 2}]})

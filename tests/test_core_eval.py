@@ -376,12 +376,16 @@ def zipped_bundle(tmp_path):
 
 @pytest.fixture
 def server():
-    """Serves `server.files[path] = bytes`; paths in `server.fail_first` answer 503 the first time."""
-    state = SimpleNamespace(files={}, fail_first=set(), requests=[])
+    """Serves `server.files[path] = bytes`; paths in `server.fail_first` answer 503 the first time, paths in
+    `server.fail_always` every time."""
+    state = SimpleNamespace(files={}, fail_first=set(), fail_always=set(), requests=[])
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             state.requests.append(self.path)
+            if self.path in state.fail_always:
+                self.send_error(503)
+                return
             if self.path in state.fail_first:
                 state.fail_first.discard(self.path)
                 self.send_error(503)
@@ -433,9 +437,15 @@ def test_download_rejects_checksum_mismatch(tmp_path, server):
 
 
 def test_download_gives_up_after_retries(tmp_path, server, no_sleep):
+    server.fail_always.add("/flaky.zip")
     with pytest.raises(RuntimeError, match="after 3 attempts"):
-        download_bundle(str(tmp_path / "eval_bundle"), server.url + "/missing.zip", None, retries=3)
+        download_bundle(str(tmp_path / "eval_bundle"), server.url + "/flaky.zip", None, retries=3)
     assert len(server.requests) == 3
+    # a missing file (404) is not retried: the bundle and the shards share common.download_file
+    with pytest.raises(RuntimeError, match="HTTP 404"):
+        download_bundle(str(tmp_path / "eval_bundle"), server.url + "/missing.zip", None, retries=3)
+    assert len(server.requests) == 4
+    assert os.listdir(tmp_path) == []  # no temp zip left behind
 
 
 def test_resolve_bundle_download_cache_and_offline_fallback(tmp_path, server, monkeypatch, no_sleep):

@@ -3,9 +3,12 @@
 import collections
 import glob
 import gzip
+import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -279,3 +282,34 @@ def test_cli(base_dir, server, monkeypatch):
         dataset.main(["--num-files", "3", "--base-url", server.url, "--attempts", "2", "--backoff", "0"])
     assert e.value.code == 1
     assert server.requests[shard_filename(2)] == 2
+
+
+# -----------------------------------------------------------------------------
+# common.download_file, the one download helper (shards here, the CORE bundle in core_eval)
+
+
+def test_download_file_checksum(tmp_path, server):
+    from nanochat.common import ChecksumError, download_file
+
+    name = shard_filename(0)
+    url, path = f"{server.url}/{name}", tmp_path / name
+    with pytest.raises(ChecksumError, match="does not match the expected 0000") as e:
+        download_file(url, str(path), retries=3, backoff=0, expected_sha256="0" * 64)
+    assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
+    assert server.requests[name] == 1  # the wrong file is not fetched again
+    assert os.listdir(tmp_path) == []  # nothing installed, no temp file left
+    good = hashlib.sha256(server.files[name]).hexdigest()
+    assert download_file(url, str(path), expected_sha256=good.upper(), validate=dataset.validate_parquet) == str(path)
+    assert path.read_bytes() == server.files[name] and os.listdir(tmp_path) == [name]
+
+
+def test_download_file_removes_temp_files_of_dead_downloads(tmp_path, server):
+    from nanochat.common import download_file
+
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()  # a process id that no longer runs: its temp file is a leftover
+    name = shard_filename(1)
+    (tmp_path / f"{name}.tmp.{proc.pid}").write_bytes(b"PAR1 cut")
+    (tmp_path / f"{name}.tmp.{os.getppid()}").write_bytes(b"a live download")  # kept
+    download_file(f"{server.url}/{name}", str(tmp_path / name), validate=dataset.validate_parquet)
+    assert sorted(os.listdir(tmp_path)) == sorted([name, f"{name}.tmp.{os.getppid()}"])

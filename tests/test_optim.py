@@ -184,7 +184,7 @@ def _dist_worker(rank, world_size, port, out_dir):
         for p, value in zip([p for g in fresh for p in g["params"]], after3):
             p.data.copy_(value)
         opt2 = DistMuon(fresh, momentum=0.9)
-        state = torch.load(f"{out_dir}/optim_rank{rank}.pt")
+        state = torch.load(f"{out_dir}/optim_rank{rank}.pt", weights_only=True)
         other = dict(state, dist={"rank": 1 - rank, "world_size": world_size})
         try:
             opt2.load_state_dict(other)
@@ -228,7 +228,7 @@ def test_distmuon_matches_muon_on_two_processes(tmp_path):
 
     num_state = []
     for rank in range(world_size):
-        result = torch.load(tmp_path / f"result_rank{rank}.pt")
+        result = torch.load(tmp_path / f"result_rank{rank}.pt", weights_only=True)
         for got, want in zip(result["after3"], after3):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
         for got, want in zip(result["continued"], continued):
