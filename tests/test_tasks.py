@@ -189,7 +189,7 @@ def test_humaneval_from_hub_layout_runs_in_sandbox(hf_dir):
     assert task.evaluate(ex, reply)
     assert task.evaluate(ex, "    return b + a\n")  # a bare body continuing the prompt (base-model style)
     assert not task.evaluate(ex, "def add(a, b):\n    return a - b\n")  # wrong answer: the tests fail
-    assert not task.evaluate(ex, "def add(a, b):\n    import os\n    os.system('true')\n    return a + b\n")
+    assert not task.evaluate(ex, "def add(a, b):\n    return len(open('/etc/passwd').read())\n")  # not in there
     assert task.reward(ex, reply) == 1.0
 
 
