@@ -270,7 +270,24 @@ def cgroup_homes():
                 except OSError:
                     pass
         homes.append((directory, frozenset(controllers)))
+        _remove_stale_cgroups(directory)
     return tuple(homes)
+
+
+def _remove_stale_cgroups(home):
+    """Remove the (empty) cgroups of runs whose evaluating process was killed before it could remove them."""
+    for name in os.listdir(home):
+        if not name.startswith("nanochat-sandbox-"):
+            continue
+        try:
+            os.kill(int(name.split("-")[2]), 0)
+        except ProcessLookupError:  # its process is gone; rmdir fails harmlessly if anything still runs in it
+            try:
+                os.rmdir(os.path.join(home, name))
+            except OSError:
+                pass
+        except (ValueError, IndexError, OSError):
+            pass
 
 
 def _make_cgroups(limits):

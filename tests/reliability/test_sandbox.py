@@ -10,6 +10,7 @@ libseccomp) runs everywhere; the containment tests skip, saying why, where bwrap
 
 import ctypes
 import ctypes.util
+import glob
 import os
 import platform
 import socket
@@ -543,7 +544,6 @@ def test_fork_bomb_is_capped_by_the_rlimit_alone_without_cgroups(monkeypatch):
 @needs_sandbox
 @pytest.mark.skipif(not execution.cgroup_homes(), reason="cgroups are not writable here (not root)")
 def test_run_is_confined_to_a_cgroup_with_limits_that_is_removed_afterwards():
-    import glob
     import threading
 
     found = {}
@@ -638,6 +638,35 @@ print("parent done")
 """)
     assert result.success and result.stdout == "parent done\n"
     assert count_processes_named("ncdaemon") == 0  # checked right away: no grace period
+
+
+@needs_sandbox
+@pytest.mark.slow
+def test_sandbox_dies_with_a_killed_evaluator_and_its_cgroup_is_swept_later():
+    """SIGKILL the evaluating process mid-run: bwrap's --die-with-parent takes the sandbox down, and the next
+    process to use cgroups removes the run's leftover (empty) cgroup."""
+    program = ("import ctypes, time\nctypes.CDLL(None).prctl(15, b'ncorphan', 0, 0, 0)\nprint('up', flush=True)\n"
+               "time.sleep(60)")
+    evaluator = subprocess.Popen([sys.executable, "-c", f"from nanochat.execution import execute_code\n"
+                                  f"execute_code({program!r}, timeout=60)"], cwd=REPO)
+    try:
+        deadline = time.time() + 20
+        while count_processes_named("ncorphan") == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert count_processes_named("ncorphan") == 1
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+    deadline = time.time() + 5
+    while count_processes_named("ncorphan") and time.time() < deadline:
+        time.sleep(0.05)
+    assert count_processes_named("ncorphan") == 0
+    pattern = f"nanochat-sandbox-{evaluator.pid}-*"
+    leftovers = [path for home, _ in execution.cgroup_homes() for path in glob.glob(os.path.join(home, pattern))]
+    assert len(leftovers) == len(execution.cgroup_homes())  # one per hierarchy: nobody could remove them
+    execution.cgroup_homes.cache_clear()
+    execution.cgroup_homes()
+    assert not any(os.path.exists(path) for path in leftovers)
 
 
 @needs_sandbox
