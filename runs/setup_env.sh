@@ -16,3 +16,17 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
 fi
 export PATH="$VENV/bin:$PATH"
 export VIRTUAL_ENV="$VENV"
+# HumanEval runs model-written code only inside bubblewrap's sandbox (nanochat/execution.py), with a seccomp filter
+# from libseccomp; without them it refuses to run that code. Install both when missing and we can.
+if ! command -v bwrap >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "[setup] installing bubblewrap and libseccomp2 (the sandbox for model-written code)"
+        (apt-get update -qq \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2 >/dev/null) \
+            || echo "[setup] bubblewrap could not be installed: HumanEval will refuse to run model-written code"
+    else
+        echo "[setup] bubblewrap (bwrap) is missing: HumanEval refuses to run model-written code without it." \
+             "Install it: sudo apt-get install bubblewrap libseccomp2 (Debian/Ubuntu), sudo dnf install bubblewrap" \
+             "libseccomp (Fedora)"
+    fi
+fi

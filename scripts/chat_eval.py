@@ -178,7 +178,13 @@ def main(argv=None):
 
     from nanochat.checkpoint import CheckpointError, load_model, resolve_source
     from nanochat.engine import Engine
+    from nanochat.execution import SandboxUnavailable, sandbox_problem
 
+    # HumanEval runs model-written code, only ever in the sandbox: say so before loading anything when it is missing
+    problem = sandbox_problem() if "HumanEval" in task_names else None
+    if problem is not None:
+        print(f"chat_eval: HumanEval cannot run here: {problem}", file=sys.stderr)
+        sys.exit(1)
     ddp, rank, _, _, device = compute_init(args.device_type)
     try:
         args.source = resolve_source(args.source, args.model_type)
@@ -194,10 +200,15 @@ def main(argv=None):
 
     results = {}
     for name in task_names:
-        results[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=args.batch_size,
-                                      num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_k=args.top_k,
-                                      max_problems=args.max_problems)
+        try:
+            results[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=args.batch_size,
+                                          num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, top_k=args.top_k,
+                                          max_problems=args.max_problems)
+        except SandboxUnavailable as e:  # the sandbox broke mid-run: stop, rather than count failures
+            print(f"chat_eval: {name}: {e}", file=sys.stderr)
+            compute_cleanup()
+            sys.exit(1)
         print0(f"{name} accuracy: {100 * results[name]:.2f}%")
     metrics = {}
     for name, acc in results.items():

