@@ -247,6 +247,10 @@ BAD_REQUESTS = [
     ("max_tokens 0", {"messages": [user("hi")], "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens 5000", {"messages": [user("hi")], "max_tokens": 5000}, 400, "max_tokens"),
     ("top_p 0", {"messages": [user("hi")], "top_p": 0}, 400, "top_p"),
+    ("seed false", {"messages": [user("hi")], "seed": False}, 400, "seed"),  # strict: no coercion
+    ("top_k as text", {"messages": [user("hi")], "top_k": "5"}, 400, "top_k"),
+    ("seed past 2**53", {"messages": [user("hi")], "seed": 2**53}, 400, "seed"),
+    ("empty text parts", {"messages": [{"role": "user", "content": []}]}, 400, "content"),
     ("bad role", {"messages": [{"role": "tool", "content": "hi"}]}, 400, "role"),
     ("empty content", {"messages": [user("")]}, 400, "content"),
     ("content not text", {"messages": [{"role": "user", "content": 5}]}, 400, "content"),
@@ -280,7 +284,14 @@ def test_unknown_route_and_method(server):
     r = httpx.get(server[0] + "/v2/everything")
     assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
     r = httpx.get(server[0] + "/v1/chat/completions")
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and "error" in r.json() and r.headers["allow"] == "POST"
+
+
+def test_integral_floats_are_integers(server):
+    """JSON Schema's integer takes 3.0 (JavaScript sends it for 3), though the models are otherwise strict."""
+    r = httpx.post(server[0] + "/v1/chat/completions", timeout=30,
+                   json={"messages": [user("Hi")], "max_tokens": 3.0, "n": 2.0, "seed": 1.0, "temperature": 0})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] <= 6
 
 
 # -----------------------------------------------------------------------------
@@ -324,6 +335,7 @@ def test_openapi_schema(server):
         assert "422" not in responses  # validation errors are answered with 400 and ErrorResponse
         assert responses["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
         assert "text/event-stream" in responses["200"]["content"]
+        assert "Retry-After" in responses["503"]["headers"]  # the queue is full
     assert "stream" in components["OpenAIChatRequest"]["properties"]
 
 

@@ -103,6 +103,7 @@ def test_sample_greedy_top_k_top_p():
     for _ in range(20):
         assert sample_next_token(logits, rng, temperature=1.5, top_k=1).tolist() == [[1], [0]]
         assert sample_next_token(logits, rng, temperature=1.5, top_p=1e-6).tolist() == [[1], [0]]
+        assert sample_next_token(logits, rng, temperature=1.5, top_p=5e-324).tolist() == [[1], [0]]  # 0 in float32
 
 
 def test_sample_top_p_keeps_the_nucleus():

@@ -218,8 +218,10 @@ def sample_next_token(logits, rng=None, temperature=1.0, top_k=None, top_p=None)
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
         cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-        # drop a token when the tokens before it already reach top_p (so the most likely one always stays)
+        # drop a token when the tokens before it already reach top_p; the most likely one always stays, also when
+        # top_p is so small (< 1e-45) that it rounds to 0 in float32 and `0 >= top_p` would drop it too
         drop_sorted = (cumulative - F.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted[:, 0] = False
         drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
