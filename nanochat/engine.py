@@ -15,6 +15,7 @@ into that row, as if the tool had answered.
 import ast
 import operator
 import time
+import warnings
 from collections import deque
 
 import torch
@@ -88,7 +89,9 @@ def use_calculator(expr, max_time=1.0):
         expr = expr.replace(",", "")  # thousands separators: "1,234 * 2"
     deadline = time.monotonic() + max_time
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for 3x: a refusal, not a warning to print
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expr.strip(), mode="eval")
         return _eval_node(tree, deadline)
     except (_Refused, SyntaxError, ArithmeticError, ValueError, TypeError, RecursionError, MemoryError):
         return None

@@ -54,9 +54,15 @@ def tokens_to_parts(tokenizer, tokens):
     return parts
 
 
+# how a tool call reads in the terminal: "[calculator: 347+85 = 432]"
+TOOL_MARKERS = {"<|python_start|>": "[calculator: ", "<|python_end|>": "", "<|output_start|>": " = ",
+                "<|output_end|>": "]"}
+
+
 def stream_reply(engine, prompt, args, ends):
     """Print the reply as it is generated; returns its tokens (without the ending token)."""
     tokenizer = engine.tokenizer
+    markers = {tokenizer.encode_special(name): text for name, text in TOOL_MARKERS.items()}
     tokens, pending = [], []
     with autocast_ctx(engine.model.get_device().type):
         for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
@@ -65,6 +71,10 @@ def stream_reply(engine, prompt, args, ends):
             if token in ends:
                 break
             tokens.append(token)
+            if token in markers:
+                print(tokenizer.decode(pending) + markers[token], end="", flush=True)
+                pending = []
+                continue
             pending.append(token)
             text = tokenizer.decode(pending)
             if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
