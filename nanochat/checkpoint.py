@@ -30,7 +30,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from nanochat.common import UserError, atomic_write_bytes, get_base_dir, logger, one_line, remove_orphan_tmp_files
+from nanochat.common import (
+    UserError,
+    atomic_write_bytes,
+    get_base_dir,
+    logger,
+    non_negative_int,
+    one_line,
+    remove_orphan_tmp_files,
+)
 from nanochat.models import MODEL_TYPES, config_from_dict, config_to_dict
 
 FORMAT_VERSION = 2  # 2: rank state in optim_*_rank{r}.safetensors; 1: in optim_*_rank{r}.pt (pickle)
@@ -435,7 +443,7 @@ def add_checkpoint_args(parser, default_source=None, several_tags=False):
                              + "; None = the largest")
     parser.add_argument("--model_type", default=None, choices=list(MODEL_TYPES),
                         help="with no --model_tag, the largest checkpoint of this type; always checked on load")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step; None = the last")
+    parser.add_argument("-s", "--step", type=non_negative_int, default=None, help="checkpoint step; None = the last")
 
 
 def resolve_source(source, model_type=None):

@@ -30,10 +30,13 @@ from nanochat.common import (
     DownloadError,
     UserError,
     atomic_write_bytes,
+    auto_or_positive_int,
     download_file,
     get_base_dir,
     logger,
+    non_negative_float,
     one_line,
+    positive_int,
     print0,
 )
 
@@ -328,13 +331,14 @@ def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, a
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Download FineWeb-edu-100B shuffled parquet shards "
                                                  "(the last shard downloaded is used as the validation split).")
-    parser.add_argument("-n", "--num_files", "--num-files", type=int, default=-1,
+    parser.add_argument("-n", "--num_files", "--num-files", type=auto_or_positive_int, default=-1,
                         help=f"number of shards to download, -1 = all {MAX_SHARD + 1}")
-    parser.add_argument("-w", "--num_workers", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("-w", "--num_workers", "--num-workers", type=positive_int, default=4, help="parallel downloads")
     parser.add_argument("--base_url", "--base-url", default=None,
                         help=f"where shard_XXXXX.parquet files live (default: $NANOCHAT_DATA_URL or {BASE_URL})")
-    parser.add_argument("--attempts", type=int, default=5, help="tries per shard")
-    parser.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, doubling")
+    parser.add_argument("--attempts", type=positive_int, default=5, help="tries per shard")
+    parser.add_argument("--backoff", type=non_negative_float, default=2.0,
+                        help="seconds before the first retry, doubling")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
     failed = download_shards(args.num_files, args.num_workers, base_url=args.base_url, attempts=args.attempts,

@@ -37,11 +37,15 @@ from nanochat.checkpoint import (
 from nanochat.common import (
     DummyWandb,
     UserError,
+    auto_or_positive_int,
     autocast_ctx,
     compute_cleanup,
+    fraction,
     get_dist_info,
     get_peak_flops,
+    non_negative_float,
     one_line,
+    positive_int,
     print0,
     str2bool,
     synchronize,
@@ -65,19 +69,21 @@ def add_train_args(p, inherit=False, **defaults):
 
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     p.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
-    arg("device_batch_size", int, 32, "sequences per device per micro-step")
-    arg("num_iterations", int, -1, "optimizer steps (-1: decided by the stage's data or compute budget)")
-    arg("embedding_lr", float, 0.2, "AdamW learning rate of the token embedding")
-    arg("unembedding_lr", float, 0.004, "AdamW learning rate of the lm_head (and of learnable norm weights)")
-    arg("matrix_lr", float, 0.02, "Muon learning rate of the matrices inside the blocks")
-    arg("weight_decay", float, 0.0, "AdamW weight decay")
-    arg("grad_clip", float, 1.0, "max gradient norm (0 = off)")
-    arg("init_lr_frac", float, 1.0, "every learning rate is multiplied by this at the start")
-    arg("warmup_ratio", float, 0.0, "fraction of the steps with a linear warmup")
-    arg("warmdown_ratio", float, 0.2, "fraction of the steps at the end with a linear warmdown")
-    arg("final_lr_frac", float, 0.0, "learning rate at the end of the warmdown, as a fraction of the initial one")
-    arg("eval_every", int, 250, "evaluate every N steps (-1 = only at the start and the end)")
-    arg("save_every", int, -1, "checkpoint every N steps (-1 = only at the end)")
+    arg("device_batch_size", positive_int, 32, "sequences per device per micro-step")
+    arg("num_iterations", auto_or_positive_int, -1,
+        "optimizer steps (-1: decided by the stage's data or compute budget)")
+    arg("embedding_lr", non_negative_float, 0.2, "AdamW learning rate of the token embedding")
+    arg("unembedding_lr", non_negative_float, 0.004,
+        "AdamW learning rate of the lm_head (and of learnable norm weights)")
+    arg("matrix_lr", non_negative_float, 0.02, "Muon learning rate of the matrices inside the blocks")
+    arg("weight_decay", non_negative_float, 0.0, "AdamW weight decay")
+    arg("grad_clip", non_negative_float, 1.0, "max gradient norm (0 = off)")
+    arg("init_lr_frac", non_negative_float, 1.0, "every learning rate is multiplied by this at the start")
+    arg("warmup_ratio", fraction, 0.0, "fraction of the steps with a linear warmup")
+    arg("warmdown_ratio", fraction, 0.2, "fraction of the steps at the end with a linear warmdown")
+    arg("final_lr_frac", fraction, 0.0, "learning rate at the end of the warmdown, as a fraction of the initial one")
+    arg("eval_every", auto_or_positive_int, 250, "evaluate every N steps (-1 = only at the start and the end)")
+    arg("save_every", auto_or_positive_int, -1, "checkpoint every N steps (-1 = only at the end)")
     arg("seed", int, 42, "random seed (weights at init, data order, sampling)")
     p.add_argument("--model_tag", default="", help="checkpoint directory name")
     p.add_argument("--resume", type=str2bool, nargs="?", const=True, default=False,
@@ -99,29 +105,10 @@ def inherit_args(args, source_meta):
 
 
 def check_args(args):
-    """Refuse nonsense before any work: every problem is a one-line error naming the flag and what it accepts."""
-    positive = ("device_batch_size", "max_seq_len", "depth", "examples_per_step", "num_samples",
-                "max_new_tokens")
-    for name in positive:
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name}={value}: must be a positive integer")
-    if args.num_iterations is not None and args.num_iterations != -1 and args.num_iterations < 1:
-        raise UserError(f"--num_iterations={args.num_iterations}: must be -1 (decided by the stage) or >= 1")
-    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip", "init_lr_frac"):
-        value = getattr(args, name, None)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise UserError(f"--{name}={value}: must be a finite number >= 0")
-    for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and 0 <= value <= 1):
-            raise UserError(f"--{name}={value}: must be in [0, 1]")
+    """What the flag types (nanochat.common) cannot check alone, before any work: a one-line error."""
     if args.warmup_ratio + args.warmdown_ratio > 1:
-        raise UserError(f"--warmup_ratio={args.warmup_ratio} + --warmdown_ratio={args.warmdown_ratio} > 1")
-    for name in ("eval_every", "save_every"):
-        value = getattr(args, name)
-        if value == 0 or value < -1:
-            raise UserError(f"--{name}={value}: must be -1 (off) or >= 1")
+        raise UserError(f"--warmup_ratio={args.warmup_ratio} + --warmdown_ratio={args.warmdown_ratio} > 1: the "
+                        f"warmup and the warmdown would overlap")
 
 
 # -----------------------------------------------------------------------------

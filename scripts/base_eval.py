@@ -18,6 +18,7 @@ import os
 from nanochat import checkpoint
 from nanochat.common import (
     atomic_write_bytes,
+    auto_or_positive_int,
     autocast_ctx,
     compute_cleanup,
     compute_init,
@@ -33,7 +34,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="CORE metric (DCLM) of a checkpoint",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     checkpoint.add_checkpoint_args(p, default_source="base")
-    p.add_argument("--max_per_task", type=int, default=-1, help="items per task (-1 = all); a quick-look knob")
+    p.add_argument("--max_per_task", type=auto_or_positive_int, default=-1,
+                   help="items per task (-1 = all); a quick-look knob")
     p.add_argument("--bundle_dir", default=None, help="a local eval bundle (core.yaml, eval_meta_data.csv, eval_data/)")
     p.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     return parse_args(p, argv)

@@ -7,7 +7,16 @@ Bits per byte of a checkpoint on the train and validation splits, plus a few sam
 import argparse
 
 from nanochat.checkpoint import add_checkpoint_args, load_model, record_metrics
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, parse_args, print0, run_cli
+from nanochat.common import (
+    auto_or_positive_int,
+    autocast_ctx,
+    compute_cleanup,
+    compute_init,
+    parse_args,
+    positive_int,
+    print0,
+    run_cli,
+)
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -18,8 +27,8 @@ def build_parser():
     p = argparse.ArgumentParser(description="Bits per byte of a checkpoint on train/val, and samples.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_args(p, default_source="base")
-    p.add_argument("--device_batch_size", type=int, default=8)
-    p.add_argument("--split_tokens", type=int, default=-1,
+    p.add_argument("--device_batch_size", type=positive_int, default=8)
+    p.add_argument("--split_tokens", type=auto_or_positive_int, default=-1,
                    help="tokens evaluated per split (-1: 20*524288 on CUDA, 64 batches elsewhere)")
     p.add_argument("--device_type", default="")
     return p

@@ -13,7 +13,18 @@ import os
 import torch.distributed as dist
 
 from nanochat.checkpoint import default_model_tag
-from nanochat.common import UserError, compute_init, get_base_dir, logger, parse_args, print0, run_cli, str2bool
+from nanochat.common import (
+    UserError,
+    auto_or_positive_int,
+    compute_init,
+    get_base_dir,
+    logger,
+    parse_args,
+    positive_int,
+    print0,
+    run_cli,
+    str2bool,
+)
 from nanochat.core_eval import evaluate_core, prepare_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
@@ -27,18 +38,20 @@ def build_parser():
     p = argparse.ArgumentParser(description="Pretrain a base model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_type", default="gpt", help=f"architecture: {', '.join(MODEL_TYPES)}")
-    p.add_argument("--depth", type=int, default=20, help="number of layers; width = 64 * depth")
-    p.add_argument("--max_seq_len", type=int, default=2048, help="context length")
-    p.add_argument("--total_batch_size", type=int, default=-1,
+    p.add_argument("--depth", type=positive_int, default=20, help="number of layers; width = 64 * depth")
+    p.add_argument("--max_seq_len", type=positive_int, default=2048, help="context length")
+    p.add_argument("--total_batch_size", type=auto_or_positive_int, default=-1,
                    help=f"tokens per optimizer step (-1: {CUDA_TOTAL_BATCH} on CUDA, one micro-batch elsewhere)")
     p.add_argument("--target_flops", type=float, default=-1.0, help="compute budget deciding num_iterations")
     p.add_argument("--target_param_data_ratio", type=float, default=20, help="tokens per parameter (Chinchilla=20)")
-    p.add_argument("--eval_tokens", type=int, default=-1,
+    p.add_argument("--eval_tokens", type=auto_or_positive_int, default=-1,
                    help=f"validation tokens (-1: {20 * CUDA_TOTAL_BATCH} on CUDA, 16 batches elsewhere)")
-    p.add_argument("--core_metric_every", type=int, default=-1,
+    p.add_argument("--core_metric_every", type=auto_or_positive_int, default=-1,
                    help="CORE metric every N steps and at the end (-1 = off; scripts.base_eval runs it afterwards)")
-    p.add_argument("--core_metric_max_per_task", type=int, default=500, help="examples per CORE task in training")
-    p.add_argument("--sample_every", type=int, default=2000, help="print samples every N steps (-1 = end only)")
+    p.add_argument("--core_metric_max_per_task", type=auto_or_positive_int, default=500,
+                   help="examples per CORE task in training")
+    p.add_argument("--sample_every", type=auto_or_positive_int, default=2000,
+                   help="print samples every N steps (-1 = end only)")
     p.add_argument("--dry_run", type=str2bool, nargs="?", const=True, default=False,
                    help="print parameter counts, FLOPs, batch plan and a memory estimate, then exit")
     add_train_args(p)
@@ -118,11 +131,19 @@ def make_evaluate(args, tokenizer, device, world_size, num_iterations, start_ste
 # -----------------------------------------------------------------------------
 
 
+def make_config(args, vocab_size):
+    try:
+        return config_from_depth(args.model_type, args.depth, args.max_seq_len, vocab_size, **config_overrides(args))
+    except ValueError as e:  # a flag this type does not have, or a value its config refuses
+        raise UserError(str(e)) from None
+
+
 def run(args):
     check_args(args)
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     if args.model_type not in MODEL_TYPES:
         raise UserError(f"--model_type={args.model_type!r} is not known; valid: {', '.join(MODEL_TYPES)}")
+    make_config(args, vocab_size=256)  # every architecture flag is checked before any work (data, tokenizer)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     tokenizer = ensure_data_and_tokenizer(rank)
     vocab_size = tokenizer.get_vocab_size()
     if args.dry_run:
@@ -135,12 +156,7 @@ def run(args):
     if args.resume:
         model, resume = resume_from("base", model_tag, device, tokenizer, model_type=args.model_type)
     else:
-        try:
-            config = config_from_depth(args.model_type, args.depth, args.max_seq_len, vocab_size,
-                                       **config_overrides(args))
-        except ValueError as e:  # a flag this type does not have, or a value its config refuses
-            raise UserError(str(e)) from None
-        model = build_model(args.model_type, config, device=device)
+        model = build_model(args.model_type, make_config(args, vocab_size), device=device)
 
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()

@@ -12,7 +12,15 @@ Interactive commands: `clear` starts a new conversation, `quit` or `exit` (or Ct
 import argparse
 
 from nanochat.checkpoint import add_checkpoint_args, load_model, resolve_source
-from nanochat.common import autocast_ctx, compute_init, parse_args, run_cli
+from nanochat.common import (
+    autocast_ctx,
+    compute_init,
+    non_negative_float,
+    non_negative_int,
+    parse_args,
+    positive_int,
+    run_cli,
+)
 from nanochat.engine import Engine
 
 
@@ -21,9 +29,10 @@ def build_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_args(parser)  # a base model completes text instead of chatting
     parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 is greedy")
-    parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")
-    parser.add_argument("-m", "--max_tokens", type=int, default=512, help="max tokens per reply")
+    parser.add_argument("-t", "--temperature", type=non_negative_float, default=0.6, help="0 is greedy")
+    parser.add_argument("-k", "--top_k", type=non_negative_int, default=50,
+                        help="sample among the k most likely tokens")
+    parser.add_argument("-m", "--max_tokens", type=positive_int, default=512, help="max tokens per reply")
     parser.add_argument("--device_type", type=str, default="", help="cuda|cpu|mps; empty: autodetect")
     return parser
 

@@ -22,7 +22,17 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import add_checkpoint_args
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_dist_info, parse_args, print0
+from nanochat.common import (
+    autocast_ctx,
+    compute_cleanup,
+    compute_init,
+    get_dist_info,
+    non_negative_float,
+    non_negative_int,
+    parse_args,
+    positive_int,
+    print0,
+)
 from tasks.arc import ARC
 from tasks.arithmetic import ArithmeticTool
 from tasks.gsm8k import GSM8K
@@ -163,12 +173,17 @@ def main(argv=None):
     add_checkpoint_args(parser)
     parser.add_argument("-a", "--task_name", default=None,
                         help=f"one task or several separated by |; None = all of {'|'.join(TASKS)}")
-    parser.add_argument("-x", "--max_problems", type=int, default=None, help="first N problems per task; None = all")
-    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k most likely tokens")
-    parser.add_argument("-n", "--num_samples", type=int, default=1, help="samples per generative problem (pass@n)")
-    parser.add_argument("-m", "--max_new_tokens", type=int, default=512, help="longest generated answer")
-    parser.add_argument("-b", "--batch_size", type=int, default=8, help="problems per forward pass (categorical)")
+    parser.add_argument("-x", "--max_problems", type=positive_int, default=None,
+                        help="first N problems per task; None = all")
+    parser.add_argument("-t", "--temperature", type=non_negative_float, default=0.0,
+                        help="sampling temperature (0 = greedy)")
+    parser.add_argument("-k", "--top_k", type=non_negative_int, default=50,
+                        help="sample among the k most likely tokens")
+    parser.add_argument("-n", "--num_samples", type=positive_int, default=1,
+                        help="samples per generative problem (pass@n)")
+    parser.add_argument("-m", "--max_new_tokens", type=positive_int, default=512, help="longest generated answer")
+    parser.add_argument("-b", "--batch_size", type=positive_int, default=8,
+                        help="problems per forward pass (categorical)")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu; empty = autodetect")
     args = parse_args(parser, argv)
     task_names = list(TASKS) if args.task_name is None else [t.strip() for t in args.task_name.split("|")]

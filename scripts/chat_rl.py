@@ -24,7 +24,19 @@ from nanochat.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from nanochat.common import UserError, autocast_ctx, compute_init, get_dist_info, parse_args, print0, run_cli
+from nanochat.common import (
+    UserError,
+    autocast_ctx,
+    compute_init,
+    get_dist_info,
+    non_negative_float,
+    non_negative_int,
+    parse_args,
+    positive_float,
+    positive_int,
+    print0,
+    run_cli,
+)
 from nanochat.engine import Engine
 from nanochat.report import append_metrics, truncate_metrics
 from nanochat.tokenizer import get_tokenizer
@@ -51,16 +63,17 @@ from tasks import mixtures
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--source", default="sft", choices=list(SOURCE_DIRS), help="stage to start from")
-    p.add_argument("--model_step", type=int, default=None, help="step of the source checkpoint (default: the last)")
+    p.add_argument("--model_step", type=non_negative_int, default=None,
+                   help="step of the source checkpoint (default: the last)")
     p.add_argument("--model_type", default=None, help="check that the source holds this architecture")
-    p.add_argument("--num_epochs", type=float, default=1.0, help="passes over the problems (--num_iterations, "
+    p.add_argument("--num_epochs", type=positive_float, default=1.0, help="passes over the problems (--num_iterations, "
                    "when given, is the step budget instead)")
-    p.add_argument("--examples_per_step", type=int, default=16, help="prompts per optimizer step (all ranks)")
-    p.add_argument("--num_samples", type=int, default=16, help="answers sampled per prompt (k)")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="longest sampled answer")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens")
-    p.add_argument("--eval_examples", type=int, default=400, help="held-out problems per pass@k evaluation")
+    p.add_argument("--examples_per_step", type=positive_int, default=16, help="prompts per optimizer step (all ranks)")
+    p.add_argument("--num_samples", type=positive_int, default=16, help="answers sampled per prompt (k)")
+    p.add_argument("--max_new_tokens", type=positive_int, default=256, help="longest sampled answer")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature")
+    p.add_argument("--top_k", type=non_negative_int, default=50, help="sample among the k most likely tokens")
+    p.add_argument("--eval_examples", type=positive_int, default=400, help="held-out problems per pass@k evaluation")
     p.add_argument("--chat_data", default="auto", choices=mixtures.SOURCES,
                    help="hub: GSM8K from $NANOCHAT_HF_DIR; embedded: the generated arithmetic problems")
     add_train_args(p, inherit=True, device_batch_size=8, init_lr_frac=0.05, warmdown_ratio=1.0, eval_every=60,

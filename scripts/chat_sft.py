@@ -18,7 +18,17 @@ import math
 import random
 
 from nanochat.checkpoint import SOURCE_DIRS, find_largest_model_tag, list_model_tags, load_model
-from nanochat.common import UserError, compute_init, parse_args, print0, run_cli
+from nanochat.common import (
+    UserError,
+    auto_or_positive_int,
+    compute_init,
+    non_negative_int,
+    parse_args,
+    positive_float,
+    positive_int,
+    print0,
+    run_cli,
+)
 from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
 from nanochat.loss_eval import evaluate_loss
 from nanochat.plan import batch_plan
@@ -40,18 +50,20 @@ def build_parser(stage):
     p.add_argument("-i", "--source", default=None, choices=list(SOURCE_DIRS),
                    help=f"stage of the checkpoint to start from (default: {spec['source']}"
                         + (", or base when there is no mid checkpoint of this tag)" if stage == "sft" else ")"))
-    p.add_argument("--model_step", type=int, default=None, help="step of the source checkpoint (default: the last)")
+    p.add_argument("--model_step", type=non_negative_int, default=None,
+                   help="step of the source checkpoint (default: the last)")
     p.add_argument("--model_type", default=None, help="check that the source holds this architecture")
-    p.add_argument("--max_seq_len", type=int, default=None, help="tokens per row (default: the model's context)")
-    p.add_argument("--num_epochs", type=float, default=1.0, help="passes over the training mixture "
+    p.add_argument("--max_seq_len", type=positive_int, default=None,
+                   help="tokens per row (default: the model's context)")
+    p.add_argument("--num_epochs", type=positive_float, default=1.0, help="passes over the training mixture "
                    "(--num_iterations, when given, is the step budget instead)")
     if stage == "mid":
-        p.add_argument("--total_batch_size", type=int, default=-1,
+        p.add_argument("--total_batch_size", type=auto_or_positive_int, default=-1,
                        help="tokens per optimizer step (-1: 524288 on CUDA, one micro-batch elsewhere)")
     else:
-        p.add_argument("--examples_per_step", type=int, default=None,
+        p.add_argument("--examples_per_step", type=positive_int, default=None,
                        help="conversations per optimizer step (default: 32 on CUDA, one micro-batch elsewhere)")
-    p.add_argument("--eval_steps", type=int, default=None, help="held-out batches per evaluation "
+    p.add_argument("--eval_steps", type=positive_int, default=None, help="held-out batches per evaluation "
                    "(default: 100 on CUDA, 16 elsewhere)")
     p.add_argument("--chat_data", default="auto", choices=mixtures.SOURCES,
                    help="hub: nanochat's mixture from $NANOCHAT_HF_DIR; embedded: the generated offline one")

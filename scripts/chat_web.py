@@ -47,7 +47,16 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.checkpoint import add_checkpoint_args
-from nanochat.common import autocast_ctx, logger, run_cli
+from nanochat.common import (
+    autocast_ctx,
+    logger,
+    non_negative_float,
+    non_negative_int,
+    port_number,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 from nanochat.engine import Engine
 
 # Abuse limits (as nanochat's server)
@@ -739,19 +748,19 @@ def build_parser():
     parser = argparse.ArgumentParser(description="nanochat web server: chat page, nanochat and OpenAI APIs",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_checkpoint_args(parser, several_tags=True)  # base models complete text instead of chatting
-    parser.add_argument("-n", "--num_gpus", "--num_workers", dest="num_workers", type=int, default=1,
+    parser.add_argument("-n", "--num_gpus", "--num_workers", dest="num_workers", type=positive_int, default=1,
                         help="replicas per served model (one per GPU on CUDA)")
-    parser.add_argument("-p", "--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("-p", "--port", type=port_number, default=8000, help="port to listen on")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     parser.add_argument("--device_type", type=str, default="", help="cuda|cpu|mps; empty: autodetect")
-    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default temperature")
-    parser.add_argument("-k", "--top_k", type=int, default=50, help="default top-k")
-    parser.add_argument("-m", "--max_tokens", type=int, default=512, help="default max tokens per reply")
-    parser.add_argument("--max_queue", type=int, default=MAX_QUEUE,
+    parser.add_argument("-t", "--temperature", type=non_negative_float, default=0.8, help="default temperature")
+    parser.add_argument("-k", "--top_k", type=non_negative_int, default=50, help="default top-k")
+    parser.add_argument("-m", "--max_tokens", type=positive_int, default=512, help="default max tokens per reply")
+    parser.add_argument("--max_queue", type=positive_int, default=MAX_QUEUE,
                         help="requests that may wait for a replica, per model; one more gets 503 with Retry-After")
-    parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
+    parser.add_argument("--max_body_bytes", type=positive_int, default=MAX_BODY_BYTES,
                         help="a larger request body gets 413 before it is read")
-    parser.add_argument("--max_generation_seconds", type=float, default=MAX_GENERATION_SECONDS,
+    parser.add_argument("--max_generation_seconds", type=positive_float, default=MAX_GENERATION_SECONDS,
                         help="a reply stops after this long (finish_reason 'length')")
     return parser
 

@@ -9,7 +9,7 @@ import argparse
 import os
 import time
 
-from nanochat.common import get_base_dir, parse_args, print0
+from nanochat.common import UserError, count, get_base_dir, parse_args, positive_int, print0, run_cli
 from nanochat.dataset import parquets_iter_batched
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -57,14 +57,23 @@ def train_tokenizer(vocab_size=65536, max_chars=2_000_000_000, doc_cap=10_000, t
 
 def parse_cli(argv=None):
     parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the training shards")
-    parser.add_argument("--vocab_size", type=int, default=65536, help="vocabulary size including the special tokens")
-    parser.add_argument("--max_chars", type=lambda s: int(float(s)), default=2_000_000_000,
+    parser.add_argument("--vocab_size", type=positive_int, default=65536,
+                        help="vocabulary size including the special tokens")
+    parser.add_argument("--max_chars", type=count, default=2_000_000_000,
                         help="train on at most this many characters (stops earlier if the corpus is smaller)")
-    parser.add_argument("--doc_cap", type=int, default=10_000, help="crop each document to this many characters")
+    parser.add_argument("--doc_cap", type=positive_int, default=10_000,
+                        help="crop each document to this many characters")
     return parse_args(parser, argv)
 
 
-if __name__ == "__main__":
-    args = parse_cli()
+def main(argv=None):
+    args = parse_cli(argv)
     print0(f"vocab_size={args.vocab_size:,} max_chars={args.max_chars:,} doc_cap={args.doc_cap:,}")
-    train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap)
+    try:
+        return train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap)
+    except ValueError as e:  # e.g. a vocab_size below the 256 bytes + special tokens
+        raise UserError(str(e)) from None
+
+
+if __name__ == "__main__":
+    run_cli(main)
