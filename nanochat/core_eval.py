@@ -176,7 +176,8 @@ def evaluate_task(model, tokenizer, data, device, task_meta, max_per_task=None, 
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     indices = range(rank, len(data), world_size)
-    for idx in tqdm(indices, desc=task_meta.get("label"), leave=False, disable=not progress or rank != 0):
+    show = progress and rank == 0
+    for idx in tqdm(indices, desc=task_meta.get("label"), leave=False, disable=None if show else True):  # None: a tty
         correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
     if world_size > 1:
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)

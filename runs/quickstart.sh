@@ -30,7 +30,7 @@ pipeline() {
     step "3/6 [$MT] pretraining (d4, $STEPS steps) and base evaluation"
     python -m scripts.base_train --model_type=$MT $TRAIN_ARGS
     python -m scripts.base_loss --model_tag=$TAG --device_batch_size=8 --split_tokens=32768
-    python -m scripts.base_eval --model_tag=$TAG --max_per_task=50
+    python -m scripts.base_eval --model_tag=$TAG --max_per_task=50 --bundle_dir=data/eval_bundle  # the offline bundle
     step "4/6 [$MT] mid-training ($MID_STEPS steps) -> SFT ($SFT_STEPS steps) -> RL ($RL_STEPS steps)"
     python -m scripts.mid_train --model_tag=$TAG --num_iterations=$MID_STEPS --eval_every=50 --eval_steps=8
     # 2% of the base learning rates (nanochat's default for large models) moves a 6M-parameter model too little

@@ -207,7 +207,7 @@ def run(args):
         save_checkpoint(ckpt_dir, step, model, dict(meta, metrics=metrics, num_iterations=num_iterations),
                         rank_state=state, rank=rank)
 
-    step, ema_reward, train_time = start_step, None, 0.0
+    step, ema_reward, train_time, history = start_step, None, 0.0, []
     try:
         while True:
             last_step = step == num_iterations
@@ -245,6 +245,7 @@ def run(args):
                 torch.distributed.all_reduce(stats)
             mean_reward = (stats[0] / stats[1]).item()
             ema_reward = mean_reward if ema_reward is None else 0.9 * ema_reward + 0.1 * mean_reward
+            history.append(mean_reward)
             dt = time.time() - t0
             train_time += dt if step > start_step else 0.0
             print0(f"step {step + 1:05d}/{num_iterations:05d} | mean reward {mean_reward:.3f} (ema {ema_reward:.3f}) | "
@@ -254,6 +255,9 @@ def run(args):
             step += 1
     except torch.OutOfMemoryError:
         raise OutOfMemory("chat_rl", args, model.memory_advice) from None
+    if len(history) >= 4:  # did the policy improve? the mean reward of the first and the last quarter of the steps
+        q = len(history) // 4
+        print0(f"mean reward: first {q} steps {sum(history[:q]) / q:.3f} -> last {q} steps {sum(history[-q:]) / q:.3f}")
     print0(f"Done: {num_iterations} steps, training time {fmt_time(train_time)}. Checkpoint: {ckpt_dir}")
     wandb_run.finish()
     return {"checkpoint_dir": ckpt_dir, "step": step, **metrics}
