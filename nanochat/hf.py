@@ -1,8 +1,8 @@
 """
-Export to, and import from, Hugging Face transformers, exactly or not at all:
-- gpt       <-> transformers' `nanochat` (NanoChatForCausalLM): a renaming of the weights.
-- alcoholic <-> transformers' `qwen3` (Qwen3ForCausalLM): same names; our input norm (embed_norm) folds into the
-  embedding table on export, and an imported Qwen3 gets embed_norm=False.
+Export to, and import from, Hugging Face transformers, exactly or not at all. What is particular to an architecture
+(its transformers model type and class, config, weight names, what it refuses) is its model class's `hf_mapping`
+(an HFMapping, nanochat/models/base.py): gpt <-> transformers' `nanochat`, alcoholic <-> `qwen3`. This file does what
+is common: the registry lookups, the tokenizer, the directory, the model card.
 A config with no exact equivalent on the other side is refused with the reason: never a subtly different model.
 The tokenizer goes both ways too: tiktoken ranks <-> a byte-level BPE tokenizer.json (merges rebuilt from the ranks),
 with a chat template that renders conversations as RustBPETokenizer.render_conversation does.
@@ -17,9 +17,7 @@ from safetensors.torch import save as safetensors_save
 
 from nanochat.checkpoint import CheckpointError, build_model_from_meta, checkpoint_dir, list_steps, save_checkpoint
 from nanochat.common import UserError, get_base_dir
-from nanochat.models import config_to_dict
-from nanochat.models.alcoholic import AlcoholicNanoConfig
-from nanochat.models.gpt import SOFTCAP, GPTConfig
+from nanochat.models import MODEL_TYPES, config_to_dict, get_model_spec
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, TokenizerNotFound, get_tokenizer
 
 try:
@@ -28,20 +26,29 @@ try:
 except ImportError as e:  # an optional dependency: only export/import needs it
     raise UserError("export/import to Hugging Face needs transformers>=5: pip install -e '.[hf]'") from e
 
-HF_TYPES = {"gpt": "nanochat", "alcoholic": "qwen3"}  # ours -> transformers' model_type
-HF_CLASSES = {"gpt": "NanoChatForCausalLM", "alcoholic": "Qwen3ForCausalLM"}
-GPT_ROPE_THETA = 10000.0  # gpt.py's rotary base
-# F.rms_norm with eps=None uses the epsilon of the op's math type, fp32 also for bf16 inputs (checked in the tests)
-GPT_NORM_EPS = torch.finfo(torch.float32).eps
-# ours -> transformers' nanochat; applied as substring renames in this order (and reversed for import)
-GPT_RENAMES = [("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "model.layers."),
-               (".attn.c_q.", ".self_attn.q_proj."), (".attn.c_k.", ".self_attn.k_proj."),
-               (".attn.c_v.", ".self_attn.v_proj."), (".attn.c_proj.", ".self_attn.o_proj."),
-               (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
-
 
 class HFError(UserError):
     """A model or directory with no exact equivalent on the other side; the message gives the reasons."""
+
+
+# -----------------------------------------------------------------------------
+# The registry's mappings
+
+
+def mappings():
+    """transformers model_type -> (our model_type, its HFMapping), for every registered architecture that has one."""
+    return {spec.model_cls.hf_mapping.hf_type: (model_type, spec.model_cls.hf_mapping)
+            for model_type, spec in MODEL_TYPES.items() if spec.model_cls.hf_mapping is not None}
+
+
+def mapping(model_type):
+    """The HFMapping of one of our architectures; one without is refused."""
+    found = get_model_spec(model_type).model_cls.hf_mapping
+    if found is None:
+        supported = ", ".join(f"{ours} -> '{hf_type}'" for hf_type, (ours, _) in mappings().items())
+        raise HFError(f"the {model_type!r} architecture has no transformers mapping (its model class sets no "
+                      f"hf_mapping), so it cannot be exported; architectures that can: {supported}")
+    return found
 
 
 # -----------------------------------------------------------------------------
@@ -50,22 +57,7 @@ class HFError(UserError):
 
 def export_refusals(model_type, config, ignore_dropout=False):
     """Why this config has no exact transformers equivalent ([] if it has one)."""
-    if model_type == "gpt":
-        return []  # every GPTConfig (GQA included) is a NanoChatConfig
-    c, reasons = config, []
-    if c.logit_softcap is not None:
-        reasons.append(f"logit_softcap={c.logit_softcap} (Qwen3 has no logit softcap)")
-    if c.norm_type != "rmsnorm":
-        reasons.append(f"norm_type={c.norm_type!r} (Qwen3's norms are RMSNorm)")
-    if c.mlp_type != "swiglu":
-        reasons.append(f"mlp_type={c.mlp_type!r} (Qwen3's MLP is SwiGLU)")
-    if not c.qk_norm:
-        reasons.append("qk_norm=False (Qwen3 always norms queries and keys)")
-    if c.dropout > 0 and not ignore_dropout:
-        reasons.append(f"dropout={c.dropout} (a training setting, off at inference; Qwen3 only drops attention "
-                       f"probabilities, not the residual branches, so fine-tuning would differ; pass "
-                       f"--ignore_dropout to export the inference model, with dropout 0)")
-    return reasons
+    return mapping(model_type).export_refusals(config, ignore_dropout)
 
 
 def hf_config(model_type, config, tokenizer=None):
@@ -74,45 +66,19 @@ def hf_config(model_type, config, tokenizer=None):
     if tokenizer is not None:
         bos, end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
         ids = dict(bos_token_id=bos, eos_token_id=[end, bos], pad_token_id=bos)
-    c = config
-    common = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
-                  num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, max_position_embeddings=c.sequence_len,
-                  attention_bias=False, attention_dropout=0.0, tie_word_embeddings=False)
-    if model_type == "gpt":
-        # NanoChat's pad_token_id is the padding_idx of its embedding; keep it unset (it only affects training)
-        return transformers.NanoChatConfig(
-            **common, intermediate_size=4 * c.n_embd, hidden_act="relu2", rms_norm_eps=GPT_NORM_EPS,
-            rope_parameters={"rope_type": "default", "rope_theta": GPT_ROPE_THETA},
-            final_logit_softcapping=float(SOFTCAP), **{**ids, "pad_token_id": None})
-    return transformers.Qwen3Config(
-        **common, intermediate_size=c.intermediate_size, head_dim=c.head_dim or c.n_embd // c.n_head,
-        hidden_act="silu", rms_norm_eps=c.norm_eps, use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, **ids)
-
-
-def rename(key, renames):
-    for old, new in renames:
-        key = key.replace(old, new)
-    return key
+    return mapping(model_type).hf_config(config, ids)
 
 
 @torch.no_grad()
 def hf_state_dict(model):
     """Our weights under transformers' names."""
-    sd = model.state_dict()
-    if model.model_type == "gpt":
-        return {rename(k, GPT_RENAMES): v for k, v in sd.items()}
-    sd = dict(sd)
-    if model.config.embed_norm:  # the norm of a looked-up row depends only on the token: fold it into the table
-        del sd["model.embed_norm.weight"]
-        sd["model.embed_tokens.weight"] = model.model.embed_norm(sd["model.embed_tokens.weight"])
-    return sd
+    return mapping(model.model_type).state_dict_to_hf(model)
 
 
 def check_exportable(model, ignore_dropout=False):
     reasons = export_refusals(model.model_type, model.config, ignore_dropout)
     if reasons:
-        raise HFError(f"this {model.model_type} model has no exact transformers '{HF_TYPES[model.model_type]}' "
+        raise HFError(f"this {model.model_type} model has no exact transformers '{mapping(model.model_type).hf_type}' "
                       f"equivalent: {'; '.join(reasons)}")
 
 
@@ -120,7 +86,7 @@ def to_hf(model, tokenizer=None, ignore_dropout=False):
     """The transformers model (fp32, eval mode) that computes the same logits as ours."""
     check_exportable(model, ignore_dropout)
     config = hf_config(model.model_type, model.config, tokenizer)
-    hf = getattr(transformers, HF_CLASSES[model.model_type])(config)
+    hf = getattr(transformers, mapping(model.model_type).hf_class)(config)
     hf.load_state_dict(hf_state_dict(model), strict=True)
     return hf.eval()
 
@@ -276,7 +242,7 @@ def export(model, tokenizer, out_dir, meta=None, dtype=torch.float32, ignore_dro
                       f"{model.config.vocab_size}: they do not belong together")
     os.makedirs(out_dir, exist_ok=True)
     config = hf_config(model.model_type, model.config, tokenizer)
-    config.architectures = [HF_CLASSES[model.model_type]]
+    config.architectures = [mapping(model.model_type).hf_class]
     config.dtype = dtype
     config.save_pretrained(out_dir)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in hf_state_dict(model).items()}
@@ -292,12 +258,12 @@ def export(model, tokenizer, out_dir, meta=None, dtype=torch.float32, ignore_dro
 
 def model_card(model, meta, out_dir):
     """README.md: what the model is, how it was trained, its metrics, how to use it, the data's licences."""
-    c, mt = model.config, model.model_type
+    c, mt, hf_type = model.config, model.model_type, mapping(model.model_type).hf_type
     args, metrics = meta.get("train_args") or {}, meta.get("metrics") or {}
     step, batch = meta.get("step"), args.get("total_batch_size", -1)
     tokens = f"{step * batch:,} ({step:,} steps x {batch:,} tokens)" if step and batch and batch > 0 else \
         f"{step} steps (batch size picked automatically; see train_args in the checkpoint's meta)"
-    rows = [("architecture", f"nanochat `{mt}` -> transformers `{HF_TYPES[mt]}` (`{HF_CLASSES[mt]}`)"),
+    rows = [("architecture", f"nanochat `{mt}` -> transformers `{hf_type}` (`{mapping(mt).hf_class}`)"),
             ("depth (layers)", c.n_layer), ("width, heads, kv heads", f"{c.n_embd}, {c.n_head}, {c.n_kv_head}"),
             ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"), ("context", c.sequence_len),
             ("vocab", c.vocab_size), ("stage", meta.get("source", "?")), ("training tokens", tokens)]
@@ -312,12 +278,12 @@ def model_card(model, meta, out_dir):
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
-tags: [{", ".join(dict.fromkeys(["nanochat", mt, HF_TYPES[mt]]))}]
+tags: [{", ".join(dict.fromkeys(["nanochat", mt, hf_type]))}]
 ---
 
 # {name}
 
-This `{mt}` model was trained with nanochat (GPT | Alcoholic) and exported to transformers' native `{HF_TYPES[mt]}`
+This `{mt}` model was trained with nanochat (GPT | Alcoholic) and exported to transformers' native `{hf_type}`
 architecture: no `trust_remote_code`, and in fp32 its logits are those of the original checkpoint.
 
 | | |
@@ -358,60 +324,38 @@ Generation stops at `<|assistant_end|>` or `<|bos|>`. nanochat encodes user text
 # Import
 
 
+def importer(hf_type, what="the config"):
+    """(our model_type, its HFMapping) of the architecture that maps transformers' `hf_type`; others are refused."""
+    if hf_type not in mappings():
+        supported = " and ".join(f"{t!r} (-> {ours})" for t, (ours, _) in mappings().items())
+        raise HFError(f"{what} holds a {hf_type!r} model; import supports {supported} only")
+    return mappings()[hf_type]
+
+
 def import_refusals(hf_cfg):
     """Why this transformers config has no exact nanochat equivalent ([] if it has one)."""
-    c, reasons = hf_cfg, []
-    rope = c.rope_parameters or {}
-    if rope.get("rope_type", "default") != "default":
-        reasons.append(f"rope_type={rope.get('rope_type')!r} (only plain RoPE, no scaling)")
-    if getattr(c, "attention_bias", False):
-        reasons.append("attention_bias=True (our projections have no biases)")
-    if getattr(c, "attention_dropout", 0.0):
-        reasons.append(f"attention_dropout={c.attention_dropout} (ours also drops the residual branches)")
-    if c.model_type == "qwen3":
-        if c.hidden_act not in ("silu", "swish"):  # the same function
-            reasons.append(f"hidden_act={c.hidden_act!r} (Alcoholic's SwiGLU uses silu)")
-        if getattr(c, "sliding_window", None) is not None or any(t != "full_attention" for t in c.layer_types or []):
-            reasons.append("sliding-window attention layers (ours attend to the full context)")
-        return reasons
-    head_dim = getattr(c, "head_dim", None)
-    checks = [("hidden_act", c.hidden_act, "relu2"), ("intermediate_size", c.intermediate_size, 4 * c.hidden_size),
-              ("final_logit_softcapping", c.final_logit_softcapping, float(SOFTCAP)),
-              ("rope_theta", rope.get("rope_theta"), GPT_ROPE_THETA), ("rms_norm_eps", c.rms_norm_eps, GPT_NORM_EPS),
-              ("head_dim", head_dim or c.hidden_size // c.num_attention_heads, c.hidden_size // c.num_attention_heads)]
-    reasons += [f"{name}={found!r} (our GPT has {want!r})" for name, found, want in checks if found != want]
-    return reasons
+    return importer(hf_cfg.model_type)[1].import_refusals(hf_cfg)
 
 
 def config_from_hf(hf_cfg):
-    """(model_type, our config) of a transformers `qwen3` or `nanochat` config; refuses inexact ones."""
-    reasons = import_refusals(hf_cfg)
+    """(model_type, our config) of a transformers config of a type some architecture maps; refuses inexact ones."""
+    model_type, found = importer(hf_cfg.model_type)
+    reasons = found.import_refusals(hf_cfg)
     if reasons:
         raise HFError(f"this {hf_cfg.model_type} model has no exact nanochat equivalent: {'; '.join(reasons)}")
-    c = hf_cfg
-    common = dict(sequence_len=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
-                  n_head=c.num_attention_heads, n_kv_head=c.num_key_value_heads or c.num_attention_heads,
-                  n_embd=c.hidden_size)
     try:
-        if c.model_type == "nanochat":
-            return "gpt", GPTConfig(**common)
-        head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
-        return "alcoholic", AlcoholicNanoConfig(
-            **common, intermediate_size=c.intermediate_size, rope_theta=float(c.rope_parameters["rope_theta"]),
-            norm_eps=c.rms_norm_eps, head_dim=None if head_dim == c.hidden_size // c.num_attention_heads else head_dim,
-            embed_norm=False)  # a plain Qwen3 has no input norm
+        return model_type, found.config_from_hf(hf_cfg)
     except ValueError as e:
-        raise HFError(f"this {c.model_type} config does not fit our model: {e}") from e
+        raise HFError(f"this {hf_cfg.model_type} config does not fit our model: {e}") from e
 
 
 def state_dict_from_hf(model_type, sd, tied):
     """transformers' weights -> ours. Tied embeddings become an lm_head copy: the same logits, untied from here on."""
+    found = mapping(model_type)
     if tied:
-        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
-    if model_type == "gpt":
-        return {rename(k, [(new, old) for old, new in reversed(GPT_RENAMES)]): v for k, v in sd.items()}
-    return dict(sd)
+        sd = {k: v for k, v in sd.items() if k != found.lm_head_key}
+        sd[found.lm_head_key] = sd[found.embedding_key].clone()
+    return found.state_dict_from_hf(sd)
 
 
 def read_hf_config(hf_dir):
@@ -421,9 +365,7 @@ def read_hf_config(hf_dir):
             hf_type = json.load(f).get("model_type")
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}; --hf_dir must be a transformers model directory") from e
-    if hf_type not in HF_TYPES.values():
-        raise HFError(f"{hf_dir} holds a {hf_type!r} model; import supports 'qwen3' (-> alcoholic) and 'nanochat' "
-                      f"(-> gpt) only")
+    importer(hf_type, hf_dir)
     return transformers.AutoConfig.from_pretrained(hf_dir)  # also reads older layouts (rope_theta at the top)
 
 
@@ -445,8 +387,9 @@ def read_hf_weights(hf_dir):
 
 
 def import_dir(hf_dir, model_tag, source="base", overwrite_tokenizer=False):
-    """A transformers qwen3/nanochat directory -> a checkpoint in {source}_checkpoints/{model_tag}/ (step 0) and its
-    tokenizer in $NANOCHAT_BASE_DIR/tokenizer. Returns the checkpoint directory."""
+    """A transformers directory (of a type that an architecture maps) -> a checkpoint in
+    {source}_checkpoints/{model_tag}/ (step 0) and its tokenizer in $NANOCHAT_BASE_DIR/tokenizer. Returns the
+    checkpoint directory."""
     hf_cfg = read_hf_config(hf_dir)
     model_type, config = config_from_hf(hf_cfg)
     tok_path = os.path.join(hf_dir, "tokenizer.json")

@@ -37,7 +37,7 @@ def main(argv=None):
     hf.export(model, tokenizer, args.out_dir, meta=dict(meta, source=args.source), dtype=DTYPES[args.dtype],
               ignore_dropout=args.ignore_dropout)
     print(f"exported {meta['model_tag']} ({meta['model_type']}, {args.source}, step {meta['step']}) to {args.out_dir} "
-          f"as transformers '{hf.HF_TYPES[meta['model_type']]}'")
+          f"as transformers '{hf.mapping(meta['model_type']).hf_type}'")
 
 
 if __name__ == "__main__":

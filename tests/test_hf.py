@@ -15,7 +15,7 @@ from nanochat import hf  # noqa: E402
 from nanochat.checkpoint import load_model, save_checkpoint  # noqa: E402
 from nanochat.common import run_cli  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
-from nanochat.models import build_model, config_from_depth, config_to_dict  # noqa: E402
+from nanochat.models import build_model, config_from_depth, config_to_dict, gpt  # noqa: E402
 from nanochat.tokenizer import RustBPETokenizer  # noqa: E402
 from tests.test_models import perturb  # noqa: E402
 
@@ -70,7 +70,7 @@ def random_ids(vocab_size, B=2, T=24, seed=0):
 def test_exported_logits_match(exported, model_type):
     model, out_dir = exported[model_type]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
-    assert type(theirs).__name__ == hf.HF_CLASSES[model_type]
+    assert type(theirs).__name__ == hf.mapping(model_type).hf_class
     for seed in range(3):
         idx = random_ids(model.config.vocab_size, seed=seed)
         with torch.no_grad():
@@ -128,10 +128,10 @@ def test_export_directory(exported, tokenizer):
 
 
 def test_rms_norm_default_eps_is_fp32_epsilon():
-    """GPT_NORM_EPS: F.rms_norm(eps=None) uses fp32's epsilon, for bf16 inputs too (their math type is fp32)."""
+    """gpt.NORM_EPS: F.rms_norm(eps=None) uses fp32's epsilon, for bf16 inputs too (their math type is fp32)."""
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(4, 8).to(dtype) * 1e-4  # tiny values, so that eps matters
-        expected = F.rms_norm(x.float(), (8,), eps=hf.GPT_NORM_EPS).to(dtype)
+        expected = F.rms_norm(x.float(), (8,), eps=gpt.NORM_EPS).to(dtype)
         assert torch.equal(F.rms_norm(x, (8,)), expected)
 
 
@@ -172,7 +172,7 @@ def qwen3_config(**overrides):
 
 def nanochat_config(**overrides):
     kw = dict(vocab_size=400, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=SEQ, rms_norm_eps=hf.GPT_NORM_EPS,
+              num_key_value_heads=2, max_position_embeddings=SEQ, rms_norm_eps=gpt.NORM_EPS,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     return transformers.NanoChatConfig(**{**kw, **overrides})
 
@@ -196,7 +196,7 @@ def test_import_refuses_inexact_configs(config, reason):
 def test_import_refuses_other_architectures(tmp_path):
     transformers.LlamaConfig(vocab_size=400, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                              intermediate_size=128).save_pretrained(tmp_path)
-    with pytest.raises(hf.HFError, match="'llama' model; import supports 'qwen3'.*'nanochat'"):
+    with pytest.raises(hf.HFError, match="'llama' model; import supports 'nanochat' .-> gpt. and 'qwen3' .-> alc"):
         hf.import_dir(str(tmp_path), "imported")
 
 

@@ -8,7 +8,7 @@ Alcoholic: a Qwen3-style model in nanochat's frame.
 - GQA, no biases, untied embeddings, optional dropout and logit softcap
 Parameter names follow transformers' Qwen3 so that export is a renaming. The extra embed_norm folds into the
 embedding table on export: a norm of a looked-up row depends on the token id only. A Qwen3 imported from
-transformers has no such norm: embed_norm=False leaves it out.
+transformers has no such norm: embed_norm=False leaves it out (Qwen3Mapping).
 """
 
 from dataclasses import dataclass, field
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.models.base import BaseLM, RMSNorm, Rotary, apply_rotary_emb, attention, heads_for_width
+from nanochat.models.base import BaseLM, HFMapping, RMSNorm, Rotary, apply_rotary_emb, attention, heads_for_width
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 MLP_TYPES = ("swiglu", "relu2")
@@ -83,6 +83,70 @@ def config_from_depth(depth, max_seq_len, vocab_size, **overrides):
     kwargs = dict(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                   n_kv_head=n_kv_head, n_embd=n_embd, intermediate_size=4 * n_embd)
     return AlcoholicNanoConfig(**{**kwargs, **overrides})
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face transformers: Alcoholic with the default settings is transformers' `qwen3` (Qwen3ForCausalLM)
+
+
+class Qwen3Mapping(HFMapping):
+    """Same parameter names. Our input norm (embed_norm) folds into the embedding table on export; an imported
+    Qwen3 gets embed_norm=False. Settings Qwen3 does not have are refused."""
+
+    hf_type, hf_class = "qwen3", "Qwen3ForCausalLM"
+
+    def export_refusals(self, config, ignore_dropout=False):
+        c, reasons = config, []
+        if c.logit_softcap is not None:
+            reasons.append(f"logit_softcap={c.logit_softcap} (Qwen3 has no logit softcap)")
+        if c.norm_type != "rmsnorm":
+            reasons.append(f"norm_type={c.norm_type!r} (Qwen3's norms are RMSNorm)")
+        if c.mlp_type != "swiglu":
+            reasons.append(f"mlp_type={c.mlp_type!r} (Qwen3's MLP is SwiGLU)")
+        if not c.qk_norm:
+            reasons.append("qk_norm=False (Qwen3 always norms queries and keys)")
+        if c.dropout > 0 and not ignore_dropout:
+            reasons.append(f"dropout={c.dropout} (a training setting, off at inference; Qwen3 only drops attention "
+                           f"probabilities, not the residual branches, so fine-tuning would differ; pass "
+                           f"--ignore_dropout to export the inference model, with dropout 0)")
+        return reasons
+
+    def hf_config(self, config, token_ids):
+        import transformers
+
+        c = config
+        return transformers.Qwen3Config(
+            **self.shape_to_hf(c), intermediate_size=c.intermediate_size, head_dim=c.head_dim or c.n_embd // c.n_head,
+            hidden_act="silu", rms_norm_eps=c.norm_eps, use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, **token_ids)
+
+    def state_dict_to_hf(self, model):
+        sd = dict(model.state_dict())
+        if model.config.embed_norm:  # the norm of a looked-up row depends only on the token: fold it into the table
+            del sd["model.embed_norm.weight"]
+            sd["model.embed_tokens.weight"] = model.model.embed_norm(sd["model.embed_tokens.weight"])
+        return sd
+
+    def import_refusals(self, hf_cfg):
+        c, reasons = hf_cfg, super().import_refusals(hf_cfg)
+        if c.hidden_act not in ("silu", "swish"):  # the same function
+            reasons.append(f"hidden_act={c.hidden_act!r} (Alcoholic's SwiGLU uses silu)")
+        if getattr(c, "sliding_window", None) is not None or any(t != "full_attention" for t in c.layer_types or []):
+            reasons.append("sliding-window attention layers (ours attend to the full context)")
+        return reasons
+
+    def config_from_hf(self, hf_cfg):
+        c = hf_cfg
+        head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
+        return AlcoholicNanoConfig(
+            **self.shape_from_hf(c), intermediate_size=c.intermediate_size,
+            rope_theta=float(c.rope_parameters["rope_theta"]), norm_eps=c.rms_norm_eps,
+            head_dim=None if head_dim == c.hidden_size // c.num_attention_heads else head_dim,
+            embed_norm=False)  # a plain Qwen3 has no input norm
+
+
+# -----------------------------------------------------------------------------
+# The model
 
 
 def make_norm(config, dim):
@@ -158,6 +222,7 @@ class DecoderLayer(nn.Module):
 
 class Alcoholic(BaseLM):
     model_type = "alcoholic"
+    hf_mapping = Qwen3Mapping()
     # the model-selection guide's d20 config, as written there
     presets = {"guide_d20": AlcoholicNanoConfig(
         sequence_len=2048, vocab_size=65536, n_layer=20, n_head=16, n_kv_head=8, n_embd=1280, intermediate_size=5120,

@@ -8,6 +8,7 @@ GPT: nanochat's model.
 - no biases in linear layers
 - Group-Query Attention (GQA) support for more efficient inference
 - logits softcapped at 15
+Exported to and imported from transformers' `nanochat` model type by a renaming of the weights (NanoChatMapping).
 """
 
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.models.base import BaseLM, Rotary, apply_rotary_emb, attention, heads_for_width, norm
+from nanochat.models.base import BaseLM, HFMapping, Rotary, apply_rotary_emb, attention, heads_for_width, norm
 
 SOFTCAP = 15  # logits are squashed smoothly into [-15, 15], which keeps early training stable (as nanochat)
+ROPE_THETA = 10000  # nanochat's rotary base
+# norm() calls F.rms_norm with eps=None, i.e. the epsilon of the op's math type: fp32's, also for bf16 inputs
+NORM_EPS = torch.finfo(torch.float32).eps
 
 
 @dataclass
@@ -52,6 +56,46 @@ def config_from_depth(depth, max_seq_len, vocab_size, **overrides):
     kwargs = dict(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
                   n_embd=n_embd)
     return GPTConfig(**{**kwargs, **overrides})
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face transformers: GPT is transformers' `nanochat` (NanoChatForCausalLM), renamed
+
+
+class NanoChatMapping(HFMapping):
+    """Every GPTConfig (GQA included) is a NanoChatConfig; import takes the NanoChat configs that are our GPT."""
+
+    hf_type, hf_class = "nanochat", "NanoChatForCausalLM"
+    renames = [("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "model.layers."),
+               (".attn.c_q.", ".self_attn.q_proj."), (".attn.c_k.", ".self_attn.k_proj."),
+               (".attn.c_v.", ".self_attn.v_proj."), (".attn.c_proj.", ".self_attn.o_proj."),
+               (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
+
+    def hf_config(self, config, token_ids):
+        import transformers
+
+        # NanoChat's pad_token_id is the padding_idx of its embedding; keep it unset (it only affects training)
+        return transformers.NanoChatConfig(
+            **self.shape_to_hf(config), intermediate_size=4 * config.n_embd, hidden_act="relu2", rms_norm_eps=NORM_EPS,
+            rope_parameters={"rope_type": "default", "rope_theta": float(ROPE_THETA)},
+            final_logit_softcapping=float(SOFTCAP), **{**token_ids, "pad_token_id": None})
+
+    def import_refusals(self, hf_cfg):
+        c, rope = hf_cfg, hf_cfg.rope_parameters or {}
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        checks = [("hidden_act", c.hidden_act, "relu2"), ("intermediate_size", c.intermediate_size, 4 * c.hidden_size),
+                  ("final_logit_softcapping", c.final_logit_softcapping, float(SOFTCAP)),
+                  ("rope_theta", rope.get("rope_theta"), float(ROPE_THETA)), ("rms_norm_eps", c.rms_norm_eps, NORM_EPS),
+                  ("head_dim", head_dim, c.hidden_size // c.num_attention_heads)]
+        return super().import_refusals(hf_cfg) + [f"{name}={found!r} (our GPT has {want!r})"
+                                                   for name, found, want in checks if found != want]
+
+    def config_from_hf(self, hf_cfg):
+        return GPTConfig(**self.shape_from_hf(hf_cfg))
+
+
+# -----------------------------------------------------------------------------
+# The model
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,6 +148,7 @@ class Block(nn.Module):
 
 class GPT(BaseLM):
     model_type = "gpt"
+    hf_mapping = NanoChatMapping()
     logit_softcap = SOFTCAP
     # the model-selection guide's d20 config, as written there
     presets = {"guide_d20": GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=16, n_kv_head=16,
@@ -119,7 +164,7 @@ class GPT(BaseLM):
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # nanochat's rotation is the reverse of the HF convention apply_rotary_emb uses: negate sin to match it
-        self.rotary = Rotary(self.head_dim, config.sequence_len * 10, theta=10000, negate_sin=True)
+        self.rotary = Rotary(self.head_dim, config.sequence_len * 10, theta=ROPE_THETA, negate_sin=True)
 
     @torch.no_grad()
     def init_weights(self):
