@@ -467,7 +467,10 @@ class Generation:
                             continue
                         if token in self.ends:
                             row.finish_reason = "stop"
-                        elif piece := row.add(token):
+                            piece = row.flush()  # tokens held back inside a character that never completed
+                        else:
+                            piece = row.add(token)
+                        if piece:
                             emit((i, piece))
                     if time.monotonic() - t0 > self.max_seconds:
                         self.outcome = "time_limit"
