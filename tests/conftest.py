@@ -1,6 +1,13 @@
+"""Fixtures and helpers that several test files share: a prepared base dir, tiny models of any registered
+architecture, free ports. Helpers are imported as `from tests.conftest import tiny_model`."""
+
 import os
+import socket
 
 import pytest
+import torch
+
+from nanochat.models import MODEL_TYPES, build_model, config_from_depth
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +41,48 @@ def base_env(prepared_base_dir, tmp_path, monkeypatch):
         os.symlink(prepared_base_dir / name, base / name)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     return base
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 right now (for a server, or a torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def perturb(model, seed=0):
+    """Random values for every parameter (matrices ~ 1/sqrt(fan_in), vectors such as norm weights ~ 1), so that the
+    zero-initialised output projections, which make every block a no-op, hide no path: no context, KV-cache or
+    loading bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p.size(1) ** -0.5)
+            else:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_model(model_type, vocab_size, depth=1, max_seq_len=32, head_dim=32, seed=0, random_weights=True,
+               **overrides):
+    """A small model of any registered architecture, in eval mode: perturbed weights (see perturb), or with
+    random_weights=False the architecture's own init. Overrides set any config field."""
+    torch.manual_seed(seed)
+    config = config_from_depth(model_type, depth, max_seq_len, vocab_size, head_dim=head_dim, **overrides)
+    model = build_model(model_type, config)
+    return (perturb(model, seed) if random_weights else model).eval()
+
+
+def first_type_fast():
+    """Every registered architecture as a pytest parameter, all but the first marked slow: for long tests of
+    behaviour that does not depend on the architecture (one shows it; -m slow runs the others)."""
+    first, *rest = MODEL_TYPES
+    return [first] + [pytest.param(t, marks=pytest.mark.slow) for t in rest]
 
 
 def pytest_configure(config):

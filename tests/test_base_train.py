@@ -13,8 +13,9 @@ from nanochat.common import UserError, normalize_argv
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth
 from nanochat.trainer import lr_multiplier, muon_momentum
 from scripts import base_train
+from tests.conftest import first_type_fast
 
-TYPES = ["gpt", "alcoholic"]
+TYPES = list(MODEL_TYPES)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=32", "--device_batch_size=2", "--eval_every=-1",
         "--eval_tokens=256", "--sample_every=-1"]
@@ -66,7 +67,7 @@ def test_core_metric_during_training(base_env, monkeypatch):
 
 
 def test_unknown_model_type_lists_valid(base_env):
-    with pytest.raises(UserError, match="valid: gpt, alcoholic"):
+    with pytest.raises(UserError, match=f"valid: {', '.join(MODEL_TYPES)}"):
         base_train.main(["--model_type=llama", *TINY, "--num_iterations=1"])
 
 
@@ -85,11 +86,11 @@ def test_grad_accumulation_plan(base_env, capsys):
     assert "x 2 accumulation = 128 tokens/step" in capsys.readouterr().out
 
 
-def test_dry_run_prints_both_types(base_env, capsys):
+def test_dry_run_prints_every_type(base_env, capsys):
     assert base_train.main(["--model_type=alcoholic", "--depth=4", "--dry_run"]) is None
     out = capsys.readouterr().out
-    assert "[alcoholic (chosen)]" in out and "[gpt]" in out and "FLOPs/token" in out
-    assert out.count("estimated peak memory") == 2 and "matrices=" in out
+    assert "[alcoholic (chosen)]" in out and all(f"[{t}]" in out for t in MODEL_TYPES if t != "alcoholic")
+    assert out.count("estimated peak memory") == len(MODEL_TYPES) and "matrices=" in out and "FLOPs/token" in out
     assert not os.path.exists(checkpoint_dir("base", "alcoholic_d4"))
 
 
@@ -142,10 +143,10 @@ def test_validation_bpb_decreases(base_env, model_type):
     assert bpb[0] > bpb[1] > bpb[2] and bpb[2] < 0.8 * bpb[0], bpb
 
 
-# The loop never looks at the model type, so one type shows the behaviour; the other runs with --slow.
+# The loop never looks at the model type, so one type shows the behaviour; the others run with --slow.
 # Bitwise equality holds on any machine: both runs are separate processes of the same binary with the same inputs
 # and OMP_NUM_THREADS=1, so every kernel runs the same sequence of float operations.
-@pytest.mark.parametrize("model_type", ["gpt", pytest.param("alcoholic", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_type", first_type_fast())
 def test_sigkill_then_resume_is_bitwise_identical(base_env, model_type):
     steps = 60
     args = [f"--model_type={model_type}", *TINY, f"--num_iterations={steps}", "--save_every=5"]
@@ -187,7 +188,7 @@ def test_resume_with_other_type_is_refused(base_env):
         base_train.main(["--model_type=gpt", *TINY, "--num_iterations=4", "--model_tag=x", "--resume"])
 
 
-@pytest.mark.parametrize("model_type", ["gpt", pytest.param("alcoholic", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_type", first_type_fast())
 def test_ddp_two_ranks_equals_single_process(base_env, model_type):
     """torchrun with 2 gloo ranks == one process that averages the gradients of the same two rank streams."""
     from nanochat.dataloader import DataLoader

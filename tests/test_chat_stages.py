@@ -18,6 +18,7 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import forward_backward
 from scripts import base_train, chat_rl, chat_sft, mid_train
 from tasks.common import Task
+from tests.conftest import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=64", "--device_batch_size=2", "--eval_every=-1",
@@ -116,16 +117,9 @@ def test_conversation_loaders_resume_exactly(tokenizer, loader_cls):
 # The SFT loss
 
 
-def tiny_model(model_type, vocab_size):
-    from nanochat.models import build_model, config_from_depth
-
-    torch.manual_seed(0)
-    return build_model(model_type, config_from_depth(model_type, 1, 64, vocab_size, head_dim=32))
-
-
 @pytest.mark.parametrize("model_type", list(MODEL_TYPES))
 def test_sft_loss_has_no_gradient_outside_the_assistant(tokenizer, model_type):
-    model = tiny_model(model_type, tokenizer.get_vocab_size())
+    model = tiny_model(model_type, tokenizer.get_vocab_size(), max_seq_len=64)
     x, y = next(PaddedConversationLoader(ListTask([conversation(3), conversation(12, words=4)]), tokenizer, 2, 64,
                                          rank=0, world_size=1))
     captured = {}
@@ -142,7 +136,7 @@ def test_sft_loss_has_no_gradient_outside_the_assistant(tokenizer, model_type):
 
 
 def test_a_step_without_supervised_tokens_is_finite_and_changes_nothing(tokenizer):
-    model = tiny_model("gpt", tokenizer.get_vocab_size())
+    model = tiny_model("gpt", tokenizer.get_vocab_size(), max_seq_len=64)
     x = torch.randint(0, 100, (2, 16))
     y = torch.full_like(x, -1)
     loss = model(x, y)
@@ -190,7 +184,7 @@ def test_rl_rewards_and_advantages_by_hand(tokenizer):
         assert y[r, prompt_len - 1:len(row) - 1].tolist() == row[prompt_len:]
         assert torch.all(y[r, len(row) - 1:] == -1)
     x, y, a = batches[0]
-    model = tiny_model("gpt", tokenizer.get_vocab_size())
+    model = tiny_model("gpt", tokenizer.get_vocab_size(), max_seq_len=64)
     nll = model(x, y, loss_reduction="none")
     torch.testing.assert_close(chat_rl.pg_loss(model, x, y, a), (nll * a[:, None]).sum())
 

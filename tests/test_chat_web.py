@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +16,10 @@ import pytest
 import uvicorn
 
 from nanochat.engine import Engine
+from nanochat.models import MODEL_TYPES
 from nanochat.tokenizer import RustBPETokenizer
 from scripts.chat_web import MAX_MESSAGE_LENGTH, MAX_MESSAGES_PER_REQUEST, Worker, create_app, render_prompt
-from tests.test_engine import tiny_model
+from tests.conftest import free_port, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
@@ -37,9 +37,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def models(tokenizer):
+    """One tiny model of each architecture."""
     V = tokenizer.get_vocab_size()
-    return {"gpt": tiny_model("gpt", V, seed=1, max_seq_len=SEQ_LEN),
-            "alcoholic": tiny_model("alcoholic", V, seed=2, max_seq_len=SEQ_LEN)}
+    return {t: tiny_model(t, V, depth=2, seed=i + 1, max_seq_len=SEQ_LEN) for i, t in enumerate(MODEL_TYPES)}
 
 
 def make_workers(models, tokenizer, spec):
@@ -50,12 +50,6 @@ def make_workers(models, tokenizer, spec):
             workers.append(Worker(id=len(workers), model_name=name, engine=Engine(models[model_type], tokenizer),
                                   source=source))
     return workers
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -75,7 +69,9 @@ def serve(app):
         thread.join(timeout=20)
 
 
-SERVED = [("gpt_tiny", "gpt", "sft", 2), ("alcoholic_tiny", "alcoholic", "sft", 2), ("gpt_base", "gpt", "base", 1)]
+# every architecture as an SFT model with two replicas, and GPT as a base model
+SERVED = [(f"{t}_tiny", t, "sft", 2) for t in MODEL_TYPES] + [("gpt_base", "gpt", "base", 1)]
+SERVED_NAMES = [name for name, *_ in SERVED]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +110,9 @@ def sse_events(response):
 # OpenAI API through the official client
 
 
-@pytest.mark.parametrize("name, model_type", [("gpt_tiny", "gpt"), ("alcoholic_tiny", "alcoholic")])
-def test_openai_non_stream(client, models, tokenizer, name, model_type):
+@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
+def test_openai_non_stream(client, models, tokenizer, model_type):
+    name = f"{model_type}_tiny"
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! How are you?"},
                 {"role": "assistant", "content": "I am fine."}, {"role": "user", "content": "What is the capital?"}]
     r = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=12)
@@ -128,8 +125,9 @@ def test_openai_non_stream(client, models, tokenizer, name, model_type):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(prompt), n, len(prompt) + n)
 
 
-@pytest.mark.parametrize("name, model_type", [("gpt_tiny", "gpt"), ("alcoholic_tiny", "alcoholic")])
-def test_openai_stream(client, models, tokenizer, name, model_type):
+@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
+def test_openai_stream(client, models, tokenizer, model_type):
+    name = f"{model_type}_tiny"
     messages = [{"role": "user", "content": "Once upon a time"}]
     stream = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=10, stream=True,
                                             stream_options={"include_usage": True})
@@ -156,16 +154,15 @@ def test_openai_n_samples_with_seed(client):
 
 def test_openai_models(client):
     listed = client.models.list()
-    assert [m.id for m in listed] == ["gpt_tiny", "alcoholic_tiny", "gpt_base"]
-    assert [(m.model_type, m.source, m.workers) for m in listed] == \
-        [("gpt", "sft", 2), ("alcoholic", "sft", 2), ("gpt", "base", 1)]
+    assert [m.id for m in listed] == SERVED_NAMES
+    assert [(m.model_type, m.source, m.workers) for m in listed] == [tuple(s[1:]) for s in SERVED]
     assert all(m.object == "model" for m in listed)
 
 
 def test_openai_client_errors(client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="gpt_tiny", messages=[{"role": "user", "content": "x"}], temperature=5)
-    with pytest.raises(openai.NotFoundError, match="gpt_tiny, alcoholic_tiny, gpt_base"):
+    with pytest.raises(openai.NotFoundError, match=", ".join(SERVED_NAMES)):
         client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
 
 
@@ -182,8 +179,9 @@ def test_default_model_is_the_first(client, models, tokenizer, server):
 # nanochat API
 
 
-@pytest.mark.parametrize("name, model_type", [("gpt_tiny", "gpt"), ("alcoholic_tiny", "alcoholic")])
-def test_nanochat_stream(server, models, tokenizer, name, model_type, ):
+@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
+def test_nanochat_stream(server, models, tokenizer, model_type):
+    name = f"{model_type}_tiny"
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     with httpx.stream("POST", server[0] + "/chat/completions", timeout=30,
                       json={"messages": messages, "model": name, "temperature": 0, "max_tokens": 12}) as r:
@@ -309,13 +307,14 @@ def test_page(server):
 def test_health_and_stats(server, client):
     health = httpx.get(server[0] + "/health").json()
     assert health["status"] == "ok" and health["ready"] is True
-    assert health["models"] == ["gpt_tiny", "alcoholic_tiny", "gpt_base"] and health["num_workers"] == 5
+    workers = sum(n for *_, n in SERVED)
+    assert health["models"] == SERVED_NAMES and health["num_workers"] == workers
     before = httpx.get(server[0] + "/stats").json()
     r = client.chat.completions.create(model="gpt_base", messages=[user("Hello")], max_tokens=6, temperature=0)
     after = httpx.get(server[0] + "/stats").json()
     assert after["requests_served"] == before["requests_served"] + 1
     assert after["tokens_generated"] == before["tokens_generated"] + r.usage.completion_tokens
-    assert after["tokens_per_second"] > 0 and after["total_workers"] == 5
+    assert after["tokens_per_second"] > 0 and after["total_workers"] == workers
     base_worker = [w for w in after["workers"] if w["model"] == "gpt_base"]
     assert len(base_worker) == 1 and base_worker[0]["status"] == "idle" and base_worker[0]["device"] == "cpu"
     assert base_worker[0]["requests"] == [w for w in before["workers"] if w["model"] == "gpt_base"][0]["requests"] + 1

@@ -15,20 +15,17 @@ from nanochat.checkpoint import (
     record_metrics,
     save_checkpoint,
 )
-from nanochat.models import build_model, config_from_depth
+from nanochat.models import MODEL_TYPES
 from nanochat.tokenizer import get_tokenizer
+from tests.conftest import tiny_model
 
-TYPES = ["gpt", "alcoholic"]
+TYPES = list(MODEL_TYPES)
 
 
-def make_model(model_type, depth=2, vocab_size=512, seed=0):
-    torch.manual_seed(seed)
-    config = config_from_depth(model_type, depth, max_seq_len=32, vocab_size=vocab_size, head_dim=32)
-    model = build_model(model_type, config)
-    with torch.no_grad():  # move zero-initialised projections off zero so a wrong load would show
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return model
+def make_model(model_type, depth=2):
+    """Perturbed weights (no zero-initialised projection), so that a wrong load would show; 512 = the vocabulary of
+    base_env's tokenizer."""
+    return tiny_model(model_type, 512, depth=depth)
 
 
 def save(model, tag, step=5, source="base", rank_state=None):

@@ -6,7 +6,6 @@ import io
 import json
 import math
 import os
-import socket
 import threading
 import zipfile
 from types import SimpleNamespace
@@ -34,6 +33,8 @@ from nanochat.core_eval import (
     render_prompts_schema,
     resolve_bundle,
 )
+from nanochat.models import MODEL_TYPES
+from tests.conftest import free_port, tiny_model
 
 # -----------------------------------------------------------------------------
 # A byte tokenizer and a bigram model whose every prediction is known in advance
@@ -256,12 +257,6 @@ def _ddp_worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_evaluate_task_ddp_splits_and_all_reduces(tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
@@ -281,14 +276,11 @@ def tiny_tokenizer():
     return RustBPETokenizer.train_from_iterator(corpus, 300)
 
 
-def build_tiny(model_type, tokenizer, seq_len=64):
-    from nanochat.models import build_model, config_from_depth
-    torch.manual_seed(0)
-    config = config_from_depth(model_type, 1, seq_len, tokenizer.get_vocab_size(), head_dim=16)
-    return build_model(model_type, config)
+def build_tiny(model_type, tokenizer):
+    return tiny_model(model_type, tokenizer.get_vocab_size(), max_seq_len=64, head_dim=16, random_weights=False)
 
 
-@pytest.mark.parametrize("model_type", ["gpt", "alcoholic"])
+@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
 def test_real_tiny_model_on_mini_bundle(tmp_path, tiny_tokenizer, model_type):
     model = build_tiny(model_type, tiny_tokenizer)
     out = evaluate_core(model, tiny_tokenizer, "cpu", write_bundle(tmp_path / "b"), progress=False)

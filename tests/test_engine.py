@@ -7,11 +7,11 @@ import torch
 
 from nanochat import engine as engine_module
 from nanochat.engine import Engine, sample_next_token, use_calculator
-from nanochat.models import build_model, config_from_depth
+from nanochat.models import MODEL_TYPES
 from nanochat.models.base import KVCache
 from nanochat.tokenizer import RustBPETokenizer
+from tests.conftest import tiny_model
 
-MODEL_TYPES = ["gpt", "alcoholic"]
 TEXTS = ["The quick brown fox jumps over the lazy dog. 2+3*4 = 14, and 1,000 * 3 = 3000.",
          "strawberry has three r letters; hello world, how are you today? I am fine, thank you."] * 20
 
@@ -21,22 +21,9 @@ def tokenizer():
     return RustBPETokenizer.train_from_iterator(TEXTS, 300)
 
 
-def tiny_model(model_type, vocab_size, seed=0, max_seq_len=64):
-    """A 2-layer model with random weights everywhere: the default init zeroes output projections, which would
-    make every block a no-op and hide context (and KV-cache) bugs."""
-    torch.manual_seed(seed)
-    config = config_from_depth(model_type, 2, max_seq_len=max_seq_len, vocab_size=vocab_size, head_dim=32)
-    model = build_model(model_type, config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.size(1) ** -0.5)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", params=MODEL_TYPES)
+@pytest.fixture(scope="module", params=list(MODEL_TYPES))
 def model(request, tokenizer):
-    return tiny_model(request.param, tokenizer.get_vocab_size())
+    return tiny_model(request.param, tokenizer.get_vocab_size(), depth=2, max_seq_len=64)
 
 
 # -----------------------------------------------------------------------------
@@ -165,7 +152,7 @@ def test_top_k_1_is_greedy(model, tokenizer):
 
 
 def test_stops_when_context_is_full(tokenizer):
-    model = tiny_model("gpt", tokenizer.get_vocab_size(), max_seq_len=16)
+    model = tiny_model("gpt", tokenizer.get_vocab_size(), depth=2, max_seq_len=16)
     engine = Engine(model, tokenizer)
     prompt = tokenizer.encode("The quick brown fox", prepend="<|bos|>")
     # a scripted end would stop earlier; random weights rarely pick the 2 ending tokens in 13 greedy steps

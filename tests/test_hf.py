@@ -17,7 +17,7 @@ from nanochat.common import run_cli  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.models import build_model, config_from_depth, config_to_dict, gpt  # noqa: E402
 from nanochat.tokenizer import RustBPETokenizer  # noqa: E402
-from tests.test_models import perturb  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
 
 TYPES = ["gpt", "alcoholic"]
 SEQ = 64
@@ -41,9 +41,9 @@ def tokenizer():
 
 
 def make_model(model_type, vocab_size, seed=0, **overrides):
-    kw = dict(n_embd=64, head_dim=16, **({"n_kv_head": 2} if model_type == "gpt" else {}), **overrides)
-    torch.manual_seed(seed)
-    return perturb(build_model(model_type, config_from_depth(model_type, 2, SEQ, vocab_size, **kw)), seed).eval()
+    """Depth 2, width 64, 4 heads of 16 sharing 2 key/value heads, perturbed weights."""
+    return tiny_model(model_type, vocab_size, depth=2, max_seq_len=SEQ, head_dim=16, seed=seed,
+                      **{"n_embd": 64, "n_kv_head": 2, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Both architectures through the shared model interface: shapes, parity of the KV cache with a full forward,
-losses, sampling, gradients, optimizer groups, FLOPs, config validation and the registry."""
+"""Every registered architecture through the shared model interface: shapes, parity of the KV cache with a full
+forward, losses, sampling, gradients, optimizer groups, FLOPs, config validation and the registry; and what is
+particular to GPT and to Alcoholic."""
 
 import dataclasses
 import math
@@ -19,34 +20,21 @@ from nanochat.models import (
     config_from_dict,
     config_to_dict,
     get_model_spec,
+    presets,
 )
 from nanochat.models.alcoholic import AlcoholicNanoConfig
 from nanochat.models.base import KVCache, RMSNorm, rotary_tables
 from nanochat.models.gpt import GPTConfig
 from nanochat.optim import Muon
+from tests.conftest import perturb
 
 TYPES = list(MODEL_TYPES)
 VOCAB, SEQ = 128, 32
 
 
 def small_config(model_type, **overrides):
-    # depth 2, width 64, 4 heads of 16; GQA in both (gpt 4 -> 2 kv heads, alcoholic's default n_head // 2)
-    kw = dict(n_embd=64, head_dim=16, **overrides)
-    if model_type == "gpt":
-        kw.setdefault("n_kv_head", 2)
-    return config_from_depth(model_type, 2, SEQ, VOCAB, **kw)
-
-
-def perturb(model, seed=0):
-    """Random values for every parameter, so that the zero-initialised projections do not hide any path."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * p.size(1) ** -0.5)
-            else:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    return model
+    # depth 2, width 64, 4 heads of 16 sharing 2 key/value heads (GQA)
+    return config_from_depth(model_type, 2, SEQ, VOCAB, **{"n_embd": 64, "head_dim": 16, "n_kv_head": 2, **overrides})
 
 
 def make_model(model_type, seed=0, **overrides):
@@ -120,6 +108,7 @@ def test_seed_configs_build_and_count(model_type, make_config, expected):
     assert counts["total"] == closed_form_params(model_type, config) == expected
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     assert counts["embedding"] == counts["lm_head"] == 65536 * 1280
+    assert presets()[f"{model_type}/guide_d20"] == (model_type, config)  # the registry's preset is the guide's
 
 
 @pytest.mark.parametrize("model_type,variant", [("gpt", {}), ("alcoholic", {}), ("alcoholic", {"qk_norm": False}),
@@ -319,11 +308,11 @@ def test_optimizer_groups(model_type):
                 seen[id(p)] = (opt, group["name"])
     assert set(seen) == set(names), "every parameter must be in a group"
     scale = (64 / 768) ** -0.5
-    blocks = "transformer.h." if model_type == "gpt" else "model.layers."
+    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for pid, name in names.items():
         opt, group = seen[pid]
         p = dict(model.named_parameters())[name]
-        if name.startswith(blocks) and p.ndim == 2:
+        if p.ndim == 2 and pid not in embedding and p is not model.lm_head.weight:  # a matrix inside the blocks
             assert opt is muon, name
         else:
             assert opt is adamw, name
@@ -334,11 +323,19 @@ def test_optimizer_groups(model_type):
     assert lrs["embedding"]["lr"] == pytest.approx(0.2 * scale)
     assert lrs["embedding"]["weight_decay"] == 0.1
     assert muon.param_groups[0]["lr"] == 0.02 and muon.param_groups[0]["momentum"] == 0.95
-    if model_type == "gpt":
-        assert "norms" not in lrs
-    else:
+    norms = [p for p in model.parameters() if p.ndim == 1]
+    if norms:
+        assert len(lrs["norms"]["params"]) == len(norms)
         assert lrs["norms"]["lr"] == pytest.approx(0.004 * scale) and lrs["norms"]["weight_decay"] == 0.0
-        assert len(lrs["norms"]["params"]) == 2 + 2 * 4  # embed_norm, norm; per layer 2 norms + q_norm, k_norm
+    else:
+        assert "norms" not in lrs  # no empty group
+
+
+def test_optimizer_groups_of_norm_weights():
+    """GPT's norms have no weights; Alcoholic's are embed_norm, norm and, per layer, 2 norms + q_norm, k_norm."""
+    for model_type, count in (("gpt", 0), ("alcoholic", 2 + 2 * 4)):
+        adamw, _ = build_model(model_type, small_config(model_type)).setup_optimizers()
+        assert sum(len(g["params"]) for g in adamw.param_groups if g["name"] == "norms") == count
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -458,8 +455,7 @@ def test_rotary_extension_warns_and_matches_fresh_tables(model_type):
         with pytest.warns(UserWarning, match="beyond the 40 precomputed rotary positions"):
             long = model(idx)
     assert model.rotary.cos.size(1) == 80
-    theta = 10000 if model_type == "gpt" else 1e6
-    cos, sin = rotary_tables(80, 16, theta, negate_sin=model_type == "gpt")
+    cos, sin = rotary_tables(80, 16, model.rotary.theta, model.rotary.negate_sin)  # test_rotary_bases checks these
     torch.testing.assert_close(model.rotary.cos, cos, atol=0, rtol=0)
     torch.testing.assert_close(model.rotary.sin, sin, atol=0, rtol=0)
     torch.testing.assert_close(long[:, :40], short, atol=1e-5, rtol=0)
@@ -486,10 +482,9 @@ def test_build_model_initialises_everything_deterministically(model_type):
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
     assert model.model_type == model_type and again.get_device().type == "cpu"
-    zero = {n for n, p in again.named_parameters() if torch.all(p == 0)}
-    out = ("attn.c_proj", "mlp.c_proj") if model_type == "gpt" else ("self_attn.o_proj", "mlp.down_proj")
-    blocks = "transformer.h" if model_type == "gpt" else "model.layers"
-    assert zero == {f"{blocks}.{i}.{o}.weight" for i in range(2) for o in out}  # the output projections only
+    # zeros: the output projections of attention and MLP, 2 matrices per block, and nothing else
+    zero = [p for p in again.parameters() if torch.all(p == 0)]
+    assert len(zero) == 2 * config.n_layer and all(p.ndim == 2 and p.size(0) == config.n_embd for p in zero)
 
 
 def test_config_from_depth_defaults():

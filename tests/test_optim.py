@@ -3,7 +3,6 @@
 import math
 import os
 import re
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat.optim import DistMuon, Muon, make_adamw, zeropower_via_newtonschulz5
+from tests.conftest import free_port
 
 
 def _cosine(a, b):
@@ -205,15 +205,9 @@ def _dist_worker(rank, world_size, port, out_dir):
     os._exit(0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distmuon_matches_muon_on_two_processes(tmp_path):
     world_size = 2
-    mp.spawn(_dist_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(_dist_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
 
     groups = _make_param_groups()
     opt = Muon(groups, momentum=0.9)

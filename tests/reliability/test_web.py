@@ -18,8 +18,8 @@ import pytest
 from nanochat.engine import Engine
 from nanochat.tokenizer import RustBPETokenizer
 from scripts.chat_web import Worker, create_app
+from tests.conftest import tiny_model
 from tests.test_chat_web import TEXTS, serve, user
-from tests.test_engine import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCHEMATHESIS_CONFIG = os.path.join(REPO, "tests", "reliability", "schemathesis.toml")
@@ -52,7 +52,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return tiny_model("gpt", tokenizer.get_vocab_size(), seed=1, max_seq_len=128)
+    return tiny_model("gpt", tokenizer.get_vocab_size(), depth=2, seed=1, max_seq_len=128)
 
 
 @contextlib.contextmanager
