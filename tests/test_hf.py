@@ -15,7 +15,7 @@ from nanochat import hf  # noqa: E402
 from nanochat.checkpoint import load_model, save_checkpoint  # noqa: E402
 from nanochat.common import run_cli  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
-from nanochat.models import build_model, config_from_depth, config_to_dict, gpt  # noqa: E402
+from nanochat.models import MODEL_TYPES, ModelSpec, build_model, config_from_depth, config_to_dict, gpt  # noqa: E402
 from nanochat.tokenizer import RustBPETokenizer  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 
@@ -281,6 +281,41 @@ def test_tokenizer_with_other_special_tokens_is_refused(tokenizer, tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(hf.HFError, match="added tokens"):
         hf.tokenizer_from_hf(str(tmp_path / "tokenizer.json"))
+
+
+# -----------------------------------------------------------------------------
+# A registered architecture with a mapping of its own (tests/test_third_architecture.py), or without one
+
+
+@pytest.fixture
+def llama(monkeypatch):
+    from tests import test_third_architecture as third
+
+    monkeypatch.setitem(MODEL_TYPES, "llama", ModelSpec(third.LlamaConfig, third.Llama, third.config_from_depth))
+    return third.Llama
+
+
+def test_a_third_architecture_exports_and_imports_through_its_mapping(llama, tokenizer, base_dir, tmp_path):
+    model = tiny_model("llama", tokenizer.get_vocab_size(), max_seq_len=SEQ, head_dim=16)
+    hf.export(model, tokenizer, str(tmp_path / "out"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    hf.import_dir(str(tmp_path / "out"), "imported")  # transformers' `llama` -> the architecture that maps it
+    imported, _, meta = load_model("base", model_tag="imported")
+    assert meta["model_type"] == "llama" and type(imported) is llama
+    idx = random_ids(model.config.vocab_size)
+    with torch.no_grad():
+        assert (model(idx) - theirs(idx).logits).abs().max() < 1e-4
+        assert torch.equal(model(idx), imported(idx))
+
+
+def test_export_refuses_an_architecture_without_mapping(llama, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(llama, "hf_mapping", None)
+    model = tiny_model("llama", tokenizer.get_vocab_size(), max_seq_len=SEQ, head_dim=16)
+    with pytest.raises(hf.HFError, match="'llama' architecture has no transformers mapping .*so it cannot be "
+                                         "exported; architectures that can: gpt -> 'nanochat', alcoholic -> 'qwen3'"):
+        hf.export(model, tokenizer, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------
