@@ -44,7 +44,7 @@ SPLITS = ("train", "val")
 
 # -----------------------------------------------------------------------------
 # The embedded corpus: data/corpus/*.txt.gz, documents separated by a line that is exactly DOC_SEPARATOR
-# (written by scripts/build_corpus.py).
+# (written by dev/build_corpus.py).
 
 CORPUS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus")
 DOC_SEPARATOR = "<|doc|>"
@@ -63,7 +63,7 @@ def read_embedded_corpus(corpus_dir=CORPUS_DIR):
     paths = sorted(glob.glob(os.path.join(corpus_dir, "*.txt.gz")))
     if not paths:
         raise FileNotFoundError(f"no *.txt.gz files in {corpus_dir}: the embedded corpus ships with the repository "
-                                f"(regenerate it with `python -m scripts.build_corpus --src DIR`)")
+                                f"(regenerate it with `python -m dev.build_corpus --src DIR`)")
     docs = []
     for path in paths:
         with gzip.open(path, "rt", encoding="utf-8") as f:

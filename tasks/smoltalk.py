@@ -2,7 +2,7 @@
 SmolTalk: general chat conversations for finetuning.
 https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk (data/train-*.parquet, data/test-*.parquet)
 Offline source: data/chat/smoltalk_{split}.jsonl.gz, a few hundred short conversations generated from templates
-by scripts/build_task_data.py (greetings, arithmetic, spelling, simple facts, questions about nanochat).
+by dev/build_task_data.py (greetings, arithmetic, spelling, simple facts, questions about nanochat).
 """
 
 import os

