@@ -2,7 +2,9 @@
 architecture, free ports. Helpers are imported as `from tests.conftest import tiny_model`."""
 
 import os
+import signal
 import socket
+import time
 
 import pytest
 import torch
@@ -45,6 +47,18 @@ def base_env(prepared_base_dir, tmp_path, monkeypatch):
 
 # -----------------------------------------------------------------------------
 # Helpers
+
+
+def sigkill_when(proc, ready, timeout=300):
+    """SIGKILL the subprocess `proc` as soon as ready() is true (polled every 5 ms); it must still be running then."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, f"not ready to be interrupted after {timeout} s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def free_port():

@@ -1,9 +1,7 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from nanochat.common import UserError, normalize_argv
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth
 from nanochat.trainer import lr_multiplier, muon_momentum
 from scripts import base_train
-from tests.conftest import first_type_fast
+from tests.conftest import first_type_fast, sigkill_when
 
 TYPES = list(MODEL_TYPES)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,16 +151,9 @@ def test_sigkill_then_resume_is_bitwise_identical(base_env, model_type):
     ref = run_script([*args, "--model_tag=ref"], base_env)  # runs beside the victim, on the other core
     d = checkpoint_dir("base", "victim")
     victim = run_script([*args, "--model_tag=victim"], base_env)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once a checkpoint exists and training went on past it
-        metrics = os.path.join(d, "metrics.jsonl")
-        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 12:
-            break
-        assert victim.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    metrics = os.path.join(d, "metrics.jsonl")
+    # kill once a checkpoint exists and training went on past it
+    sigkill_when(victim, lambda: os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 12)
     killed_at = find_last_step(d)
     assert 5 <= killed_at < steps
     out, _ = ref.communicate(timeout=300)

@@ -3,10 +3,8 @@ the model type carried along, and exact resume of chat_sft after a SIGKILL."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import forward_backward
 from scripts import base_train, chat_rl, chat_sft, mid_train
 from tasks.common import Task
-from tests.conftest import tiny_model
+from tests.conftest import sigkill_when, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=64", "--device_batch_size=2", "--eval_every=-1",
@@ -251,14 +249,8 @@ def test_sft_sigkill_then_resume_is_bitwise_identical(base_env):
     ref = sft("ref")  # runs beside the victim, on the other core
     victim = sft("victim")
     d = checkpoint_dir("sft", "victim")
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once a checkpoint exists and training went on past it
-        if os.path.exists(os.path.join(d, "metrics.jsonl")) and len(losses("victim")) >= 10:
-            break
-        assert victim.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    # kill once a checkpoint exists and training went on past it
+    sigkill_when(victim, lambda: os.path.exists(os.path.join(d, "metrics.jsonl")) and len(losses("victim")) >= 10)
     killed_at = find_last_step(d)
     assert 4 <= killed_at < steps
     out, _ = ref.communicate(timeout=300)
