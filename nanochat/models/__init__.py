@@ -1,8 +1,9 @@
 """
 Model registry: the only place that knows which architectures exist. Training, evaluation and inference ask
 it for a config and a model by model_type and never import a concrete model.
-Adding an architecture = one file with a config dataclass, a BaseLM subclass and config_from_depth, plus one
-line in MODEL_TYPES.
+Adding an architecture = one file with a config dataclass, a BaseLM subclass and config_from_depth (and, to export
+to transformers, an HFMapping on the class), plus one line in MODEL_TYPES; tests/test_third_architecture.py shows it.
+Nothing reads MODEL_TYPES at import time: flags, choices and lists are built from it when they are needed.
 """
 
 import dataclasses
