@@ -27,7 +27,7 @@ from nanochat.checkpoint import (
 )
 from nanochat.common import UserError, autocast_ctx, compute_init, get_dist_info, parse_args, print0, run_cli
 from nanochat.engine import Engine
-from nanochat.report import append_metrics, truncate_metrics
+from nanochat.report import append_metrics, get_report, truncate_metrics
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import (
     NonFiniteLoss,
@@ -245,7 +245,9 @@ def run(args):
         raise OutOfMemory("chat_rl", args, model.memory_advice) from None
     print0(f"Done: {num_iterations} steps, training time {fmt_time(train_time)}. Checkpoint: {ckpt_dir}")
     wandb_run.finish()
-    return {"checkpoint_dir": ckpt_dir, "step": step, **metrics}
+    results = {"checkpoint_dir": ckpt_dir, "step": step, **metrics}
+    get_report().log(section="Chat RL", data=[{"model_tag": args.model_tag}, vars(args), results])
+    return results
 
 
 def main(argv=None):

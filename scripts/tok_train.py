@@ -11,6 +11,7 @@ import time
 
 from nanochat.common import get_base_dir, parse_args, print0
 from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer
 
 
@@ -67,4 +68,6 @@ def parse_cli(argv=None):
 if __name__ == "__main__":
     args = parse_cli()
     print0(f"vocab_size={args.vocab_size:,} max_chars={args.max_chars:,} doc_cap={args.doc_cap:,}")
-    train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap)
+    tokenizer = train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap)
+    get_report().log(section="Tokenizer training", data=[vars(args), {"vocab_size": tokenizer.get_vocab_size(),
+                                                                      "hash": tokenizer.hash}])
