@@ -47,9 +47,10 @@ else
     SFT="--run=$WANDB_RUN"
     RLF="--run=$WANDB_RUN"
     CHAT=""
-    # The environment: uv when it is installed (CUDA build of torch), else .venv with pip (runs/setup_env.sh)
+    # The environment: uv when it is installed (the CUDA build of torch: the "gpu" group, see pyproject.toml),
+    # else .venv with pip (runs/setup_env.sh; on Linux x86_64 PyPI's torch is a CUDA build)
     if command -v uv >/dev/null; then
-        uv sync --extra gpu
+        uv sync --no-default-groups --group gpu
         source .venv/bin/activate
     else
         source runs/setup_env.sh
