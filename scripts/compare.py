@@ -5,6 +5,7 @@ data order and token budget for all), then write a side-by-side report: $NANOCHA
     python -m scripts.compare --model_types gpt alcoholic --depth 4 --seeds 3 --num_iterations 300 --param_match \\
         --max_seq_len=256 --device_batch_size=4          # any other flag goes to base_train as is
     python -m scripts.compare --model_tags gpt_d4 alcoholic_d4    # only tabulate existing checkpoints
+    python -m scripts.compare --model_tags 'cmp_*_d4*' 'cmp_*_d6*'  # ... runs of several comparisons, seeds grouped
     python -m scripts.compare                                     # every base checkpoint
 
 Runs are tagged {prefix}_{type}_d{depth}[_pm|_fm]_s{seed} (e.g. cmp_gpt_d4_s1); a run whose checkpoint is complete
@@ -17,7 +18,9 @@ meta-device models by the models' own num_params_by_group() and estimate_flops()
 """
 
 import argparse
+import fnmatch
 import os
+import re
 import subprocess
 import sys
 import time
@@ -63,7 +66,8 @@ def build_parser():
     p.add_argument("--dry_run", action="store_true", help="print the runs and their shapes, train nothing")
     p.add_argument("-i", "--source", default="base", choices=list(SOURCE_DIRS), help="stage of --model_tags")
     p.add_argument("--model_tags", nargs="*", default=None,
-                   help="tabulate these checkpoints instead of training (default: every checkpoint of the source)")
+                   help="tabulate these checkpoints instead of training; shell patterns allowed, tags differing only "
+                        "by _s<seed> form one arm (default: every checkpoint of the source)")
     p.add_argument("--out_dir", default=None, help="default: $NANOCHAT_BASE_DIR/report")
     return p
 
@@ -225,6 +229,24 @@ def execute(runs, args, rest, train_args, log_dir):
             print(f"[{i}/{len(runs)}] {run.tag}: {name} done in {time.time() - t0:.0f}s", flush=True)
 
 
+def tabulated_arms(source, patterns):
+    """Arms of existing checkpoints: tags (shell patterns allowed: 'cmp_*') in the order given, those that differ
+    only by a _s<seed> suffix (scripts.compare's runs) grouped into one arm."""
+    available = list_model_tags(source)
+    tags = []
+    for pattern in patterns or ["*"]:
+        matched = [t for t in available if fnmatch.fnmatchcase(t, pattern)] if any(c in pattern for c in "*?[") \
+            else [pattern]
+        tags += [t for t in matched if t not in tags]
+    if not tags:
+        raise UserError(f"no {source} checkpoints to compare{' match ' + ' '.join(patterns) if patterns else ''}; "
+                        f"train some first (python -m scripts.base_train) or pass --model_types to train them")
+    arms = {}
+    for run in comparison.collect(source, tags):
+        arms.setdefault(re.sub(r"_s\d+$", "", run.tag), []).append(run)
+    return [comparison.Arm(label, runs) for label, runs in arms.items()]
+
+
 def setup_text(args, runs, train_args, rest):
     total = None
     first = checkpoint_dir("base", runs[0].tag)
@@ -246,15 +268,19 @@ def main(argv=None):
     argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     args, rest = build_parser().parse_known_args(argv)
     out_dir = args.out_dir or os.path.join(get_base_dir(), "report")
-    if args.model_types is None:  # tabulate existing checkpoints, one arm per tag
+    if args.model_types is None:  # tabulate existing checkpoints
         if rest:
             raise UserError(f"unknown arguments {' '.join(rest)} (training flags need --model_types)")
-        tags = args.model_tags or list_model_tags(args.source)
-        if not tags:
-            raise UserError(f"no {args.source} checkpoints to compare; train some first "
-                            f"(python -m scripts.base_train) or pass --model_types to train them")
-        arms = [comparison.Arm(run.tag, [run]) for run in comparison.collect(args.source, tags)]
-        md, png, text = comparison.write(arms, out_dir, reference_of=lambda a: arms[0] if a is not arms[0] else None)
+        arms = tabulated_arms(args.source, args.model_tags)
+        depth = {a.label: a.runs[0].meta["model_config"]["n_layer"] for a in arms}
+
+        def reference_of(arm):  # the first arm of the same depth
+            ref = next(a for a in arms if depth[a.label] == depth[arm.label])
+            return None if ref is arm else ref
+
+        setup = ("Existing checkpoints; tags that differ only by a _s<seed> suffix form one arm. "
+                 "Compare like with like: the table's steps x tokens/step row shows each arm's budget.")
+        md, png, text = comparison.write(arms, out_dir, setup=setup, reference_of=reference_of)
     else:
         from scripts.base_train import ensure_data_and_tokenizer
 

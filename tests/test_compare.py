@@ -96,17 +96,20 @@ def test_report_states_what_exceeds_the_seed_spread(tmp_path):
     assert "| sft ARC-Easy |" in text and "| params: total |" in text and "| peak memory (MiB) | 500 ± 0 |" in text
 
 
-def test_tabulating_existing_checkpoints_still_works(base_env):
+def test_tabulating_existing_checkpoints(base_env):
+    """--model_tags a b: one arm per tag; tags differing only by _s<seed> (shell patterns allowed) form one arm."""
     from scripts import base_train
 
     for model_type in ("gpt", "alcoholic"):
-        base_train.main([f"--model_type={model_type}", "--depth=1", "--head_dim=32", "--max_seq_len=32",
-                         "--device_batch_size=2", "--num_iterations=2", "--eval_every=1", "--eval_tokens=128",
-                         "--sample_every=-1"])
-    md = compare_script.main(["--model_tags", "gpt_d1", "alcoholic_d1"])
-    text = open(md).read()
-    assert "| | gpt_d1 | alcoholic_d1 |" in text and "one run per arm" in text
+        for seed in (1, 2):
+            base_train.main([f"--model_type={model_type}", "--depth=1", "--head_dim=32", "--max_seq_len=32",
+                             "--device_batch_size=2", "--num_iterations=2", "--eval_every=-1", "--eval_tokens=128",
+                             "--sample_every=-1", f"--seed={seed}", f"--model_tag=grp_{model_type}_s{seed}"])
+    text = open(compare_script.main(["--model_tags", "grp_gpt_s1", "grp_alcoholic_s1"])).read()
+    assert "| | grp_gpt | grp_alcoholic |" in text and "one run per arm" in text
     assert os.path.getsize(base_env / "report" / "compare.png") > 10_000
+    text = open(compare_script.main(["--model_tags", "grp_g*", "grp_alcoholic_s*"])).read()
+    assert "| runs (seeds) | 2 | 2 |" in text and "**grp_alcoholic vs grp_gpt**" in text and "standard errors" in text
 
 
 @pytest.mark.slow
