@@ -43,14 +43,14 @@ else
     BASE="--depth=$DEPTH --run=$WANDB_RUN --save_every=2000 --core_metric_every=2000"
     LOSS=""
     CORE=""
-    MID="--run=$WANDB_RUN"
-    SFT="--run=$WANDB_RUN"
-    RLF="--run=$WANDB_RUN"
+    MID="--run=$WANDB_RUN --chat_data=hub"   # nanochat's mixtures, downloaded below; a missing one is an error
+    SFT="--run=$WANDB_RUN --chat_data=hub"
+    RLF="--run=$WANDB_RUN --chat_data=hub"
     CHAT=""
     # The environment: uv when it is installed (the CUDA build of torch: the "gpu" group, see pyproject.toml),
     # else .venv with pip (runs/setup_env.sh; on Linux x86_64 PyPI's torch is a CUDA build)
     if command -v uv >/dev/null; then
-        uv sync --no-default-groups --group gpu
+        uv sync --no-default-groups --group gpu --extra hf   # hf: huggingface_hub for the chat datasets
         source .venv/bin/activate
     else
         source runs/setup_env.sh
@@ -71,12 +71,24 @@ else
     python -m nanochat.dataset -n 8 -w 8
     python -m nanochat.dataset -n 240 -w 8 &
     DOWNLOAD_PID=$!
+    # the chat datasets of midtraining, SFT, RL and chat_eval, in the hub's layout under $NANOCHAT_HF_DIR
+    python - <<'PY' &
+import os
+from huggingface_hub import snapshot_download
+from tasks.common import hf_datasets_dir
+for repo, patterns in {"HuggingFaceTB/smol-smoltalk": ["data/*"], "cais/mmlu": ["all/*", "auxiliary_train/*"],
+                       "openai/gsm8k": ["main/*"], "allenai/ai2_arc": ["ARC-Easy/*", "ARC-Challenge/*"],
+                       "openai/openai_humaneval": ["openai_humaneval/*"]}.items():
+    snapshot_download(repo, repo_type="dataset", allow_patterns=patterns,
+                      local_dir=os.path.join(hf_datasets_dir(), repo))
+PY
+    CHAT_DATA_PID=$!
 fi
 
 step "tokenizer"
 python -m scripts.tok_train $TOK
 python -m scripts.tok_eval
-if [ "$DRY" = 0 ]; then wait $DOWNLOAD_PID; fi
+if [ "$DRY" = 0 ]; then wait $DOWNLOAD_PID $CHAT_DATA_PID; fi
 
 step "base model: $MODEL_TYPE d$DEPTH on $NPROC processes"
 $TORCHRUN -m scripts.base_train -- --model_type=$MODEL_TYPE $BASE $DEV
