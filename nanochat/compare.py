@@ -210,6 +210,7 @@ def plot(arms, path):
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     (ax_step, ax_tok, ax_flop), (ax_loss, ax_speed, ax_final) = axes
     style = arm_style(arms)
+    bpb_seen, loss_seen = [], []  # values past the first steps: the y-range, so the initial drop does not flatten
     for arm in arms:
         st = style[arm.label]
         n = len(arm.runs)
@@ -221,7 +222,9 @@ def plot(arms, path):
             ax.plot(x, mean, marker="o", markersize=3, label=label, **st)
             if n > 1:
                 ax.fill_between(x, lo, hi, color=st["color"], alpha=0.2, linewidth=0)
+        bpb_seen += lo[1:] + hi[1:]
         steps, mean, lo, hi = series_mean(arm.runs, smoothed_train, "loss")
+        loss_seen += lo[len(lo) // 10:] + hi[len(hi) // 10:]
         ax_loss.plot(steps, mean, label=label, **st)
         if n > 1:
             ax_loss.fill_between(steps, lo, hi, color=st["color"], alpha=0.2, linewidth=0)
@@ -248,6 +251,11 @@ def plot(arms, path):
     ax_loss.set(title="training loss (EMA 0.9)", xlabel="step", ylabel="loss (nats/token)")
     ax_speed.set(title="throughput: median tokens/s per run (bar: mean ± std)", ylabel="tokens/s")
     ax_final.set(title="final validation bpb: mean ± std, dots = seeds", ylabel="bits per byte")
+    for axs, seen in (((ax_step, ax_tok, ax_flop), bpb_seen), ((ax_loss,), loss_seen)):
+        if seen:
+            pad = 0.05 * (max(seen) - min(seen) or 1)
+            for ax in axs:
+                ax.set_ylim(min(seen) - pad, max(seen) + pad)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     for ax in (ax_step, ax_tok, ax_flop, ax_loss):
@@ -286,7 +294,9 @@ def markdown(arms, png_name, title="Model comparison", setup="", reference_of=No
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = f"# {title}\n\n{setup}\n\n" if setup else f"# {title}\n\n"
-    text += "\n".join(lines) + "\n\nmean ± sample std over seeds.\n"
+    text += "\n".join(lines) + ("\n\nmean ± sample std over seeds. val bpb (end of training) is the last in-training "
+                                 "evaluation (the first --eval_tokens of the validation split, the points of the "
+                                 "curves); val bpb (base_loss) is scripts.base_loss on more tokens of it.\n")
 
     verdict_lines = []
     for arm in arms:

@@ -244,7 +244,11 @@ def tabulated_arms(source, patterns):
     arms = {}
     for run in comparison.collect(source, tags):
         arms.setdefault(re.sub(r"_s\d+$", "", run.tag), []).append(run)
-    return [comparison.Arm(label, runs) for label, runs in arms.items()]
+    arms = [comparison.Arm(label, runs) for label, runs in arms.items()]
+    if any(c in p for p in patterns or ["*"] for c in "*?["):  # matched, not listed: by depth, then registry order
+        types = list(MODEL_TYPES)
+        arms.sort(key=lambda a: (a.runs[0].meta["model_config"]["n_layer"], types.index(a.runs[0].meta["model_type"])))
+    return arms
 
 
 def setup_text(args, runs, train_args, rest):
