@@ -1,13 +1,24 @@
 """
-Run report: a markdown table and PNG plots comparing checkpoints side by side (e.g. gpt_d4 vs alcoholic_d4),
-built from what training and evaluation already wrote: metrics.jsonl and the meta files' metrics.
+The run report, as nanochat's: every stage appends its section to $NANOCHAT_BASE_DIR/report/<section>.md when it
+ends, and `generate` assembles them, behind a header (environment, git commit, hardware, torch, on GPU an estimated
+cost), into report.md with a summary table.
+    python -m nanochat.report reset      # start a new report (writes the header, clears the sections)
+    python -m nanochat.report generate   # assemble report.md
+In a script: get_report().log(section="Base model training", data=[vars(args), results]). Only rank 0 writes;
+NANOCHAT_REPORT=0 turns it off (scripts.compare does, its runs have a report of their own).
+Also here: the metrics.jsonl helpers that the training loops write and the reports read.
 """
 
+import datetime
 import json
 import os
+import platform
+import re
+import subprocess
+import sys
 
-from nanochat.checkpoint import checkpoint_dir, find_last_step, read_meta
-from nanochat.common import get_base_dir
+# -----------------------------------------------------------------------------
+# metrics.jsonl: one JSON line per training step or evaluation, in every checkpoint directory
 
 
 def append_metrics(path, record):
@@ -33,6 +44,7 @@ def truncate_metrics(path, from_step):
 
 
 def read_metrics_jsonl(ckpt_dir):
+    """(training step records, validation records) of a checkpoint directory."""
     path = os.path.join(ckpt_dir, "metrics.jsonl")
     train, val = [], []
     if os.path.exists(path):
@@ -49,80 +61,231 @@ def read_metrics_jsonl(ckpt_dir):
     return train, val
 
 
-def collect(source, tags):
-    runs = []
-    for tag in tags:
-        d = checkpoint_dir(source, tag)
-        step = find_last_step(d)
-        meta = read_meta(d, step)
-        train, val = read_metrics_jsonl(d)
-        runs.append({"tag": tag, "dir": d, "step": step, "meta": meta, "train": train, "val": val})
-    return runs
+# -----------------------------------------------------------------------------
+# The run report
+
+# Sections in pipeline order: (title, metrics of its entries that go into the summary table)
+SECTIONS = {
+    "Tokenizer training": (),
+    "Tokenizer evaluation": (),
+    "Base model training": ("val_bpb", "train_loss", "core"),
+    "Base model loss": ("train_bpb", "val_bpb"),
+    "Base model evaluation": ("CORE",),
+    "Chat evaluation base": ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"),
+    "Midtraining": ("val_loss",),
+    "Chat evaluation mid": ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"),
+    "Chat SFT": ("val_loss",),
+    "Chat evaluation sft": ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"),
+    "Chat RL": ("pass@1",),
+    "Chat evaluation rl": ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"),
+}
+# Rough on-demand prices in USD per GPU-hour (2025 cloud list prices), for the cost estimate only
+GPU_HOURLY_USD = {"H200": 3.50, "H100": 3.00, "A100": 1.80, "L40S": 1.00, "A10": 0.75, "L4": 0.70, "V100": 0.55}
+DEFAULT_GPU_HOURLY_USD = 2.00
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
-def ema(values, beta=0.9):
-    out, s = [], None
-    for v in values:
-        s = v if s is None else beta * s + (1 - beta) * v
-        out.append(s)
-    return out
+def slugify(section):
+    return re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
 
 
-def plot(runs, path):
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in runs:
-        if run["train"]:
-            ax1.plot([r["step"] for r in run["train"]], ema([r["loss"] for r in run["train"]]), label=run["tag"])
-        if run["val"]:
-            ax2.plot([r["step"] for r in run["val"]], [r["val_bpb"] for r in run["val"]], marker="o", label=run["tag"])
-    ax1.set(title="training loss (EMA 0.9)", xlabel="step", ylabel="loss (nats/token)")
-    ax2.set(title="validation bits per byte", xlabel="step", ylabel="bpb")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def run_command(cmd):
+    """A command's stdout, or None when it fails (no git, not a repository)."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
-def fmt(v):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def markdown(runs, png_name):
-    rows = [("model type", lambda r: r["meta"]["model_type"]),
-            ("step", lambda r: r["step"]),
-            ("layers / width", lambda r: f"{r['meta']['model_config']['n_layer']} / "
-                                         f"{r['meta']['model_config']['n_embd']}"),
-            ("final train loss", lambda r: r["train"][-1]["loss"] if r["train"] else None),
-            ("final val bpb", lambda r: r["val"][-1]["val_bpb"] if r["val"] else None),
-            ("median tok/s", lambda r: int(sorted(x["tok_per_sec"] for x in r["train"])[len(r["train"]) // 2])
-             if r["train"] else None)]
-    extra = sorted({k for r in runs for k, v in r["meta"].get("metrics", {}).items()
-                    if isinstance(v, (int, float)) and k not in ("val_bpb", "train_loss")})
-    rows += [(k, lambda r, k=k: r["meta"].get("metrics", {}).get(k)) for k in extra]
-    lines = ["| | " + " | ".join(r["tag"] for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
-    lines += ["| " + name + " | " + " | ".join(fmt(get(r)) for r in runs) + " |" for name, get in rows]
-    return "# Model comparison\n\n" + "\n".join(lines) + f"\n\n![curves]({png_name})\n"
+def memory_gib():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
-def write_report(source, tags, out_dir=None):
-    out_dir = out_dir or os.path.join(get_base_dir(), "report")
-    os.makedirs(out_dir, exist_ok=True)
-    runs = collect(source, tags)
-    png = os.path.join(out_dir, "compare.png")
-    plot(runs, png)
-    md_path = os.path.join(out_dir, "compare.md")
-    text = markdown(runs, os.path.basename(png))
-    with open(md_path, "w") as f:
-        f.write(text)
-    return md_path, png, text
+def gpus():
+    """[(name, memory GiB)] of the visible CUDA devices."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [(p.name, p.total_memory / 2**30) for p in map(torch.cuda.get_device_properties,
+                                                          range(torch.cuda.device_count()))]
+
+
+def gpu_hourly_rate(devices):
+    """Estimated USD per hour of the visible GPUs together; None without GPUs."""
+    if not devices:
+        return None
+    rates = [next((r for key, r in GPU_HOURLY_USD.items() if key in name.upper()), DEFAULT_GPU_HOURLY_USD)
+             for name, _ in devices]
+    return sum(rates)
+
+
+def header():
+    """Environment, git commit, hardware and software of this run."""
+    import torch
+
+    commit = run_command(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    dirty = run_command(["git", "status", "--porcelain", "--untracked-files=no"])
+    message = (run_command(["git", "log", "-1", "--pretty=%s"]) or "")[:80]
+    branch = run_command(["git", "rev-parse", "--abbrev-ref", "HEAD"]) or "unknown"
+    devices = gpus()
+    mem = memory_gib()
+    lines = ["# nanochat run report", "", f"Run started: {datetime.datetime.now().strftime(TIME_FORMAT)}", "",
+             "## Environment", "",
+             f"- Git: {branch} {commit}{' (dirty)' if dirty else ''} {message}".rstrip(),
+             f"- Platform: {platform.system()} {platform.release()} ({platform.machine()})",
+             f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores" + (f", {mem:.1f} GiB memory" if mem else "")]
+    if devices:
+        names = sorted({name for name, _ in devices})
+        lines += [f"- GPUs: {len(devices)}x {', '.join(names)}, {sum(m for _, m in devices):.0f} GiB in total",
+                  f"- Estimated cost: ${gpu_hourly_rate(devices):.2f}/hour (list prices, see nanochat/report.py)"]
+    else:
+        lines.append("- GPUs: none")
+    lines += [f"- Python {platform.python_version()}, torch {torch.__version__}"
+              + (f", CUDA {torch.version.cuda}" if devices else ""),
+              f"- NANOCHAT_BASE_DIR: {os.environ.get('NANOCHAT_BASE_DIR', '~/.cache/nanochat')}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def render(value):
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
+        return f"{value:,}"
+    return str(value)
+
+
+def timestamp_of(line):
+    try:
+        return datetime.datetime.strptime(line.split(":", 1)[1].strip(), TIME_FORMAT)
+    except (IndexError, ValueError):
+        return None
+
+
+class Report:
+    def __init__(self, report_dir):
+        self.report_dir = report_dir
+
+    def path(self, name):
+        return os.path.join(self.report_dir, name)
+
+    def log(self, section, data):
+        """Append an entry to the section: strings as they are, dicts as '- key: value' lines (None values and keys
+        already written in this entry skipped). Entries accumulate (two model types trained in one run both appear)
+        until `reset`."""
+        os.makedirs(self.report_dir, exist_ok=True)
+        path = self.path(f"{slugify(section)}.md")
+        lines = [] if os.path.exists(path) else [f"## {section}", ""]
+        lines.append(f"timestamp: {datetime.datetime.now().strftime(TIME_FORMAT)}")
+        lines.append("")
+        written = set()
+        for item in data:
+            if isinstance(item, str):
+                lines.append(item.rstrip("\n"))
+                continue
+            for k, v in (item or {}).items():
+                if v is not None and k not in written:
+                    lines.append(f"- {k}: {render(v)}")
+                    written.add(k)
+        with open(path, "a") as f:
+            f.write("\n".join(lines) + "\n\n")
+        return path
+
+    def reset(self):
+        """A new report: the section files and report.md are removed, the header records the start time."""
+        os.makedirs(self.report_dir, exist_ok=True)
+        for name in [f"{slugify(s)}.md" for s in SECTIONS] + ["report.md"]:
+            if os.path.exists(self.path(name)):
+                os.remove(self.path(name))
+        with open(self.path("header.md"), "w") as f:
+            f.write(header())
+        print(f"New report: header written to {self.path('header.md')}")
+
+    def generate(self):
+        """report.md: the header, every section in pipeline order, a summary table and the wall-clock time."""
+        if not os.path.exists(self.path("header.md")):
+            print(f"no {self.path('header.md')}: writing one now (run `python -m nanochat.report reset` before "
+                  f"the first stage to record the start time and cost)")
+            os.makedirs(self.report_dir, exist_ok=True)
+            with open(self.path("header.md"), "w") as f:
+                f.write(header())
+        with open(self.path("header.md")) as f:
+            text = f.read()
+        start = next((timestamp_of(line) for line in text.splitlines() if line.startswith("Run started:")), None)
+        end, summary = None, []
+        for section, keys in SECTIONS.items():
+            path = self.path(f"{slugify(section)}.md")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                body = f.read()
+            text += "\n" + body
+            tag = None
+            for line in body.splitlines():
+                if line.startswith("timestamp:"):
+                    end = timestamp_of(line) or end
+                m = re.match(r"- (\S[^:]*): (.+)$", line)
+                if m and m.group(1) == "model_tag":
+                    tag = m.group(2)
+                elif m and m.group(1).split("/")[-1] in keys:
+                    summary.append((section, tag or "-", m.group(1).split("/")[-1], m.group(2)))
+        text += "\n## Summary\n\n"
+        if summary:
+            text += "| stage | model | metric | value |\n|---|---|---|---|\n"
+            text += "".join(f"| {s} | {t} | {k} | {v} |\n" for s, t, k, v in summary)
+        if start and end:
+            hours = (end - start).total_seconds() / 3600
+            text += f"\nTotal wall-clock time: {int(hours)}h{int(hours * 60) % 60:02d}m\n"
+            rate = gpu_hourly_rate(gpus())
+            if rate:
+                text += f"Estimated cost: ${rate * hours:.2f} at ${rate:.2f}/hour\n"
+        with open(self.path("report.md"), "w") as f:
+            f.write(text)
+        print(f"Report: {self.path('report.md')}")
+        return self.path("report.md")
+
+
+class DummyReport:
+    def log(self, *args, **kwargs):
+        pass
+
+    def reset(self, *args, **kwargs):
+        pass
+
+    def generate(self, *args, **kwargs):
+        pass
+
+
+def get_report():
+    """The report of $NANOCHAT_BASE_DIR on rank 0; a no-op elsewhere and when NANOCHAT_REPORT=0."""
+    from nanochat.common import get_base_dir
+
+    if int(os.environ.get("RANK", 0)) != 0 or os.environ.get("NANOCHAT_REPORT", "1") == "0":
+        return DummyReport()
+    return Report(os.path.join(get_base_dir(), "report"))
+
+
+if __name__ == "__main__":
+    command = sys.argv[1] if len(sys.argv) > 1 else "generate"
+    if command not in ("generate", "reset"):
+        sys.exit(f"usage: python -m nanochat.report [generate|reset] (got {command!r})")
+    from nanochat.common import get_base_dir
+
+    report = Report(os.path.join(get_base_dir(), "report"))
+    report.generate() if command == "generate" else report.reset()

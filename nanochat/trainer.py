@@ -308,6 +308,20 @@ def params_are_finite(model):
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def peak_memory(device_type):
+    """Bytes at the high-water mark so far: what CUDA tensors have held (max allocated) on CUDA; elsewhere what the
+    OS counts for this process (max RSS: weights, optimizer state and activations, plus Python and torch's own
+    ~0.5-1 GB). None where the OS does not say (Windows)."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        import resource
+    except ImportError:
+        return None
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, kilobytes on Linux
+
+
 def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum, meta, script, evaluate=None,
           eval_due=None, resume=None, compile_dynamic=False, tokens_per_step=None):
     """
@@ -368,7 +382,8 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
             raise NonFiniteLoss(step, ckpt_dir)
         position = {k: v for k, v in loader_state.items() if k != "buffer"}  # meta stays small and readable
         step_meta = dict(meta, dataloader_state=position, num_iterations=num_iterations,
-                         metrics={**last_metrics, "train_loss": smooth_loss})
+                         metrics={**last_metrics, "train_loss": smooth_loss,
+                                  "peak_memory_bytes": peak_memory(device_type)})
         state = {"optimizers": [o.state_dict() for o in optimizers], "dataloader": loader_state,
                  "rng": get_rng_state()}
         save_checkpoint(ckpt_dir, step, orig_model, step_meta, rank_state=state, rank=rank)
@@ -430,8 +445,9 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
     except torch.OutOfMemoryError:
         raise OutOfMemory(script, args, orig_model.memory_advice) from None
 
-    if device_type == "cuda":
-        print0(f"Peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    peak = peak_memory(device_type)
+    if peak is not None:
+        print0(f"Peak memory: {peak / 2**30:.2f} GiB ({'max allocated' if device_type == 'cuda' else 'max RSS'})")
     summary = ", ".join(f"{k} {v:.4f}" for k, v in last_metrics.items() if isinstance(v, float))
     print0(f"Done: {num_iterations} steps, training time {fmt_time(train_time)}"
            + (f", {summary}" if summary else "") + f". Checkpoint: {ckpt_dir}")

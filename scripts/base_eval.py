@@ -28,6 +28,7 @@ from nanochat.common import (
     run_cli,
 )
 from nanochat.core_eval import evaluate_core, prepare_bundle
+from nanochat.report import get_report
 
 
 def get_args(argv=None):
@@ -81,6 +82,8 @@ def main(argv=None):
             print0(f"recorded CORE in the metrics of {model_tag} step {step}")
         else:
             print0("nanochat.checkpoint has no record_metrics(): CORE was not recorded in the checkpoint")
+        get_report().log(section="Base model evaluation", data=[{"model_tag": model_tag, "step": step, "bundle":
+                         metrics["core_bundle"], **out["centered"], "CORE": out["core"]}])
     compute_cleanup()
     return out
 

@@ -19,6 +19,7 @@ from nanochat.common import (
 )
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from scripts.base_train import sample
 
@@ -58,6 +59,8 @@ def main(argv=None):
         with autocast_ctx(device.type):
             sample(model, tokenizer, device)
         record_metrics(args.source, meta["model_tag"], meta["step"], results)
+        get_report().log(section="Base model loss", data=[{"model_tag": meta["model_tag"], "step": meta["step"],
+                                                           "tokens_per_split": steps * tokens_per_batch}, results])
     compute_cleanup()
     return results
 

@@ -30,6 +30,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.models import MODEL_TYPES, add_config_args, build_model, config_from_depth, config_overrides
 from nanochat.plan import CUDA_TOTAL_BATCH, batch_plan, plan_iterations, print_dry_run
+from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.trainer import add_train_args, check_args, is_due, resume_from, run_stage, train
 
@@ -175,10 +176,12 @@ def run(args):
     evaluate, eval_due = make_evaluate(args, tokenizer, device, world_size, num_iterations,
                                        resume.step if resume else 0)
     meta = {"train_args": vars(args), "tokenizer_hash": tokenizer.hash, "lineage": []}
-    return train(args, model, loader, source="base", model_tag=model_tag, num_iterations=num_iterations,
-                 grad_accum=grad_accum, meta=meta, script="base_train", evaluate=evaluate, eval_due=eval_due,
-                 resume=resume,
-                 tokens_per_step=total_batch)
+    results = train(args, model, loader, source="base", model_tag=model_tag, num_iterations=num_iterations,
+                    grad_accum=grad_accum, meta=meta, script="base_train", evaluate=evaluate, eval_due=eval_due,
+                    resume=resume, tokens_per_step=total_batch)
+    get_report().log(section="Base model training", data=[{"model_tag": model_tag, **model.num_params_by_group(),
+                     "flops_per_token": flops_per_token, "tokens_per_step": total_batch}, vars(args), results])
+    return results
 
 
 def main(argv=None):

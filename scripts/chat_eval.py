@@ -33,6 +33,7 @@ from nanochat.common import (
     positive_int,
     print0,
 )
+from nanochat.report import get_report
 from tasks.arc import ARC
 from tasks.arithmetic import ArithmeticTool
 from tasks.gsm8k import GSM8K
@@ -237,6 +238,9 @@ def main(argv=None):
 
         if hasattr(checkpoint, "record_metrics"):
             checkpoint.record_metrics(args.source, meta["model_tag"], meta["step"], metrics)
+        get_report().log(section=f"Chat evaluation {args.source}", data=[{"model_tag": meta["model_tag"], "step":
+                         meta["step"], "max_problems": args.max_problems}, results, {"ChatCORE": metrics.get(
+                         "chat_eval/ChatCORE")}])
     compute_cleanup()
     return results
 

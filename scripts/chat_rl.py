@@ -38,7 +38,7 @@ from nanochat.common import (
     run_cli,
 )
 from nanochat.engine import Engine
-from nanochat.report import append_metrics, truncate_metrics
+from nanochat.report import append_metrics, get_report, truncate_metrics
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import (
     NonFiniteLoss,
@@ -260,7 +260,9 @@ def run(args):
         print0(f"mean reward: first {q} steps {sum(history[:q]) / q:.3f} -> last {q} steps {sum(history[-q:]) / q:.3f}")
     print0(f"Done: {num_iterations} steps, training time {fmt_time(train_time)}. Checkpoint: {ckpt_dir}")
     wandb_run.finish()
-    return {"checkpoint_dir": ckpt_dir, "step": step, **metrics}
+    results = {"checkpoint_dir": ckpt_dir, "step": step, **metrics}
+    get_report().log(section="Chat RL", data=[{"model_tag": args.model_tag}, vars(args), results])
+    return results
 
 
 def main(argv=None):

@@ -32,6 +32,7 @@ from nanochat.common import (
 from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
 from nanochat.loss_eval import evaluate_loss
 from nanochat.plan import batch_plan
+from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import add_train_args, check_args, inherit_args, resume_from, run_stage, train
 from tasks import mixtures
@@ -144,9 +145,12 @@ def run(args, stage):
 
     meta = {"train_args": vars(args), "tokenizer_hash": tokenizer.hash, "lineage": lineage,
             "chat_data": mixtures.describe(train_task)}
-    return train(args, model, loader, source=stage, model_tag=model_tag, num_iterations=num_iterations,
-                 grad_accum=grad_accum, meta=meta, script=spec["script"], evaluate=evaluate, resume=resume,
-                 compile_dynamic=stage == "sft", tokens_per_step=tokens_per_step)
+    results = train(args, model, loader, source=stage, model_tag=model_tag, num_iterations=num_iterations,
+                    grad_accum=grad_accum, meta=meta, script=spec["script"], evaluate=evaluate, resume=resume,
+                    compile_dynamic=stage == "sft", tokens_per_step=tokens_per_step)
+    get_report().log(section={"mid": "Midtraining", "sft": "Chat SFT"}[stage], data=[{"model_tag": model_tag},
+                     {"mixture": meta["chat_data"]}, vars(args), results])
+    return results
 
 
 def main(argv=None, stage="sft"):

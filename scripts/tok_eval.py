@@ -10,6 +10,7 @@ import tiktoken
 
 from nanochat.common import print0
 from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 
 SNIPPETS = {
@@ -81,6 +82,7 @@ def main():
     header = f"{'sample':<12} {'bytes':>8} " + " ".join(f"{n:>22}" for n in names)
     print0(header)
     print0("-" * len(header))
+    table = ["| sample | bytes | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for sample_name, text in samples.items():
         nbytes = len(text.encode("utf-8"))
         cells = []
@@ -88,7 +90,10 @@ def main():
             ntok = encoders[name](text)
             cells.append(f"{ntok:>10,} {nbytes / max(ntok, 1):>10.2f}x")
         print0(f"{sample_name:<12} {nbytes:>8,} " + " ".join(f"{c:>22}" for c in cells))
+        table.append(f"| {sample_name} | {nbytes:,} | " + " | ".join(" ".join(c.split()) for c in cells) + " |")
     print0("(cells: tokens, bytes/token)")
+    get_report().log(section="Tokenizer evaluation", data=["Compression (cells: tokens, bytes/token)", "",
+                                                           "\n".join(table)])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import time
 
 from nanochat.common import UserError, count, get_base_dir, parse_args, positive_int, print0, run_cli
 from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer
 
 
@@ -70,9 +71,12 @@ def main(argv=None):
     args = parse_cli(argv)
     print0(f"vocab_size={args.vocab_size:,} max_chars={args.max_chars:,} doc_cap={args.doc_cap:,}")
     try:
-        return train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap)
+        tokenizer = train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap)
     except ValueError as e:  # e.g. a vocab_size below the 256 bytes + special tokens
         raise UserError(str(e)) from None
+    get_report().log(section="Tokenizer training", data=[vars(args), {"vocab_size": tokenizer.get_vocab_size(),
+                                                                      "hash": tokenizer.hash}])
+    return tokenizer
 
 
 if __name__ == "__main__":
