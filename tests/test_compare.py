@@ -8,7 +8,7 @@ import pytest
 
 from nanochat import compare
 from nanochat.common import UserError
-from nanochat.models import config_from_depth
+from nanochat.models import config_from_depth, config_to_dict
 from nanochat.plan import describe
 from scripts import compare as compare_script
 
@@ -59,11 +59,13 @@ def test_a_finished_run_with_other_flags_is_not_reused(base_env):
     d = base_env / "base_checkpoints" / run.tag
     d.mkdir(parents=True)
     old = dict(vars(train_args), model_type="gpt", depth=4, num_iterations=10, seed=1, max_seq_len=64)
-    (d / "meta_000010.json").write_text(json.dumps({"model_type": "gpt", "train_args": old}))
+    config = config_to_dict(config_from_depth("gpt", 4, 64, 512))
+    meta = {"model_type": "gpt", "model_config": config, "train_args": old}
+    (d / "meta_000010.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="max_seq_len=64"):
         compare_script.train_state(run, argv, 10)
     old["max_seq_len"] = 128
-    (d / "meta_000010.json").write_text(json.dumps({"model_type": "gpt", "train_args": old}))
+    (d / "meta_000010.json").write_text(json.dumps(meta))
     assert compare_script.train_state(run, argv, 10) == "done"
 
 
