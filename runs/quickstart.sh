@@ -17,6 +17,8 @@ EVAL_ARGS="-x 100 -m 64"
 step() { echo; echo "=== $* ==="; }
 t0=$(date +%s)
 
+python -m nanochat.report reset   # a new run report: environment, git commit, start time
+
 step "1/6 data: embedded public-domain corpus -> parquet shards in $NANOCHAT_BASE_DIR/embedded_data"
 python -c "from nanochat.dataset import build_embedded_shards; build_embedded_shards()"
 
@@ -71,10 +73,12 @@ for MT in gpt alcoholic; do
     python -m scripts.chat_cli -i sft --model_tag=${MT}_d4 -t 0 -p "$QUESTION"
 done
 
+python -m nanochat.report generate  # every stage's section, in pipeline order, with a summary table
 echo; echo "=== done in $(( $(date +%s) - t0 ))s ==="
 cat <<EOF
 Checkpoints: $NANOCHAT_BASE_DIR/{base,mid,chatsft,chatrl}_checkpoints/{gpt_d4,alcoholic_d4}
-Report:      $NANOCHAT_BASE_DIR/report/compare.md (+ compare.png)
+Run report:  $NANOCHAT_BASE_DIR/report/report.md
+Comparison:  $NANOCHAT_BASE_DIR/report/compare.md (+ compare.png)
 Chat in the terminal:  source .venv/bin/activate && python -m scripts.chat_cli --model_tag=alcoholic_d4
 Chat in the browser:   python -m scripts.chat_web --model_tag=gpt_d4 --model_tag=alcoholic_d4
                        then open http://127.0.0.1:8000
