@@ -9,11 +9,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source runs/setup_env.sh
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 STEPS="${QUICK_STEPS:-200}"
-MID_STEPS=$(( STEPS / 2 )); SFT_STEPS=$(( STEPS * 3 / 4 )); RL_STEPS=$(( STEPS / 10 > 1 ? STEPS / 10 : 2 ))
+MID_STEPS=$(( STEPS * 3 / 10 )); SFT_STEPS=$(( STEPS * 3 / 4 )); RL_STEPS=$(( STEPS / 10 > 1 ? STEPS / 10 : 2 ))
 # A d4 model (4 layers, width 256) with 256-token contexts: ~6M parameters, trains in minutes on one core in fp32
 TRAIN_ARGS="--depth=4 --max_seq_len=256 --device_batch_size=8 --num_iterations=$STEPS --eval_every=50 --sample_every=-1"
 # the chat evaluation: 100 held-out arithmetic questions (answered through the calculator), spelling, ARC-Easy
-EVAL_ARGS="-x 100 -m 64"
+EVAL_ARGS="-x 100 -m 48"
 step() { echo; echo "=== $* ==="; }
 t0=$(date +%s)
 
@@ -32,7 +32,7 @@ pipeline() {
     step "3/6 [$MT] pretraining (d4, $STEPS steps) and base evaluation"
     python -m scripts.base_train --model_type=$MT $TRAIN_ARGS
     python -m scripts.base_loss --model_tag=$TAG --device_batch_size=8 --split_tokens=32768
-    python -m scripts.base_eval --model_tag=$TAG --max_per_task=50 --bundle_dir=data/eval_bundle  # the offline bundle
+    python -m scripts.base_eval --model_tag=$TAG --max_per_task=10 --bundle_dir=data/eval_bundle  # offline; a d4 model is at chance
     step "4/6 [$MT] mid-training ($MID_STEPS steps) -> SFT ($SFT_STEPS steps) -> RL ($RL_STEPS steps)"
     python -m scripts.mid_train --model_tag=$TAG --num_iterations=$MID_STEPS --eval_every=50 --eval_steps=8
     # 2% of the base learning rates (nanochat's default for large models) moves a 6M-parameter model too little

@@ -123,6 +123,12 @@ def pg_loss(model, x, y, adv):
 
 
 @torch.no_grad()
+def mean_and_error(values):
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return f"{mean:.3f} ± {math.sqrt(var / len(values)):.3f}"
+
+
 def pass_at_k(engine, tokenizer, task, args):
     """pass@1 (the mean success rate of the k samples) and pass@k (any of them right) on held-out problems,
     each rank taking every world_size-th problem."""
@@ -207,13 +213,14 @@ def run(args):
         save_checkpoint(ckpt_dir, step, model, dict(meta, metrics=metrics, num_iterations=num_iterations),
                         rank_state=state, rank=rank)
 
-    step, ema_reward, train_time, history = start_step, None, 0.0, []
+    step, ema_reward, train_time, history, first_eval = start_step, None, 0.0, [], None
     try:
         while True:
             last_step = step == num_iterations
             if last_step or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
                 model.eval()
                 metrics.update(pass_at_k(engine, tokenizer, val_task, args))
+                first_eval = first_eval or (step, metrics["pass@1"])
                 print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "pass@" in k))
                 log({"step": step, **{k: v for k, v in metrics.items() if "pass@" in k}})
             if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
@@ -255,9 +262,15 @@ def run(args):
             step += 1
     except torch.OutOfMemoryError:
         raise OutOfMemory("chat_rl", args, model.memory_advice) from None
-    if len(history) >= 4:  # did the policy improve? the mean reward of the first and the last quarter of the steps
+    # Did the policy improve? The held-out problems are the same at every evaluation, so their pass@1 (the mean
+    # reward) is the fair trend; the training reward is over different problems each step, hence its error bars.
+    if first_eval is not None and step > first_eval[0]:
+        print0(f"held-out mean reward (pass@1, {args.eval_examples} problems): {first_eval[1]:.3f} at step "
+               f"{first_eval[0]} -> {metrics['pass@1']:.3f} at step {step}")
+    if len(history) >= 4:
         q = len(history) // 4
-        print0(f"mean reward: first {q} steps {sum(history[:q]) / q:.3f} -> last {q} steps {sum(history[-q:]) / q:.3f}")
+        print0(f"training mean reward: first {q} steps {mean_and_error(history[:q])} -> last {q} steps "
+               f"{mean_and_error(history[-q:])} (mean ± standard error over steps)")
     print0(f"Done: {num_iterations} steps, training time {fmt_time(train_time)}. Checkpoint: {ckpt_dir}")
     wandb_run.finish()
     results = {"checkpoint_dir": ckpt_dir, "step": step, **metrics}
