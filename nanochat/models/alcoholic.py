@@ -182,7 +182,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        mask = None if kv_cache is None else kv_cache.attn_mask  # set in a fixed-shape decode step only
+        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.o_proj(y)
 
@@ -222,6 +223,7 @@ class DecoderLayer(nn.Module):
 
 class Alcoholic(BaseLM):
     model_type = "alcoholic"
+    fixed_shape_decode = True
     hf_mapping = Qwen3Mapping()
     # the model-selection guide's d20 config, as written there
     presets = {"guide_d20": AlcoholicNanoConfig(
@@ -270,7 +272,7 @@ class Alcoholic(BaseLM):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()
-        t0 = 0 if kv_cache is None else kv_cache.pos  # decoding continues at the cache's position
+        t0 = 0 if kv_cache is None else kv_cache.get_pos()  # decoding continues at the cache's position
         cos_sin = self.rotary(t0, T)
         x = self.model.embed_tokens(idx)
         if self.config.embed_norm:

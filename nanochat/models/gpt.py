@@ -119,7 +119,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        y = attention(q, k, v)
+        mask = None if kv_cache is None else kv_cache.attn_mask  # set in a fixed-shape decode step only
+        y = attention(q, k, v, mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -148,6 +149,7 @@ class Block(nn.Module):
 
 class GPT(BaseLM):
     model_type = "gpt"
+    fixed_shape_decode = True
     hf_mapping = NanoChatMapping()
     logit_softcap = SOFTCAP
     # the model-selection guide's d20 config, as written there
@@ -186,7 +188,7 @@ class GPT(BaseLM):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()
-        t0 = 0 if kv_cache is None else kv_cache.pos  # decoding continues at the cache's position
+        t0 = 0 if kv_cache is None else kv_cache.get_pos()  # decoding continues at the cache's position
         cos_sin = self.rotary(t0, T)
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
