@@ -17,7 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.models.base import BaseLM, HFMapping, RMSNorm, Rotary, apply_rotary_emb, attention, heads_for_width
+from nanochat.models.base import (
+    BaseLM,
+    HFMapping,
+    RMSNorm,
+    Rotary,
+    apply_rotary_emb,
+    attention,
+    fused_linear,
+    heads_for_width,
+)
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 MLP_TYPES = ("swiglu", "relu2")
@@ -173,9 +182,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos_sin, kv_cache):
         B, T, C = x.size()
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)  # before rotary, as Qwen3
         q, k = apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)

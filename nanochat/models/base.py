@@ -151,7 +151,7 @@ class KVCache:
     @property
     def attn_mask(self):
         """None, except in a fixed-shape decode step: (1, T_max) bool, True for the slots up to the new token."""
-        return None if self.step_pos is None else self.slots <= self.step_pos
+        return None if self.step_pos is None else self._mask
 
     def begin_step(self):
         """Enter a fixed-shape decode step at pos (BaseLM.decode). The position tensor is reused and updated in
@@ -164,7 +164,9 @@ class KVCache:
         if self.slots is None or self.slots.device != self.kv.device:
             self.slots = torch.arange(self.seq_len, device=self.kv.device).unsqueeze(0)  # (Tq=1, T_max)
             self._pos = torch.zeros(1, dtype=torch.long, device=self.kv.device)
+            self._mask = torch.zeros(1, self.seq_len, dtype=torch.bool, device=self.kv.device)
         self._pos.fill_(self.pos)
+        torch.le(self.slots, self.pos, out=self._mask)  # once per step, shared by all layers
         self.step_pos = self._pos
 
     def end_step(self):
@@ -215,6 +217,19 @@ class KVCache:
 
 # -----------------------------------------------------------------------------
 # Attention
+
+
+def fused_linear(x, linears):
+    """x through several bias-free nn.Linear of the same input as one GEMM on their concatenated weights: fewer,
+    larger GEMMs, and in backward one GEMM for x's gradient instead of one per projection plus their sum (q, k, v:
+    ~1.4x faster on CPU at width 256). The parameters stay separate, so the state_dict keys are unchanged and Muon
+    still orthogonalises each matrix alone. The concatenation copies the weights: a one-token decode step, where
+    that copy costs more than the GEMMs it saves, keeps the separate projections."""
+    if x.size(-2) == 1:
+        return [lin(x) for lin in linears]
+    weight = torch.cat([lin.weight for lin in linears])
+    return F.linear(x, weight).split([lin.out_features for lin in linears], dim=-1)
+
 
 
 def attention(q, k, v, dropout_p=0.0, mask=None):

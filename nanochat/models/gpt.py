@@ -17,7 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.models.base import BaseLM, HFMapping, Rotary, apply_rotary_emb, attention, heads_for_width, norm
+from nanochat.models.base import (
+    BaseLM,
+    HFMapping,
+    Rotary,
+    apply_rotary_emb,
+    attention,
+    fused_linear,
+    heads_for_width,
+    norm,
+)
 
 SOFTCAP = 15  # logits are squashed smoothly into [-15, 15], which keeps early training stable (as nanochat)
 ROPE_THETA = 10000  # nanochat's rotary base
@@ -111,9 +120,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos_sin, kv_cache):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = fused_linear(x, (self.c_q, self.c_k, self.c_v))
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)
         q, k = norm(q), norm(k)  # QK norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
