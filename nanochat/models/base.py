@@ -58,7 +58,8 @@ def apply_rotary_emb(x, cos, sin):
     assert x.ndim == 4, f"apply_rotary_emb expects (B, T, H, D), got shape {tuple(x.shape)}"
     d = x.shape[3] // 2
     x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # tables are kept in fp32; rotate in the activations' dtype
+    if cos.dtype != x.dtype:  # tables are kept in fp32; rotate in the activations' dtype
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=3)
 
 
