@@ -134,6 +134,7 @@ class KVCache:
         self.pos = 0
         self.step_pos = None  # a (1,) long tensor during a fixed-shape decode step, else None
         self.slots = None  # arange(T_max) on the device, for attn_mask
+        self._static = None  # the buffer last marked static for CUDA graphs
 
     @property
     def batch_size(self):
@@ -166,6 +167,11 @@ class KVCache:
             self.slots = torch.arange(self.seq_len, device=self.kv.device).unsqueeze(0)  # (Tq=1, T_max)
             self._pos = torch.zeros(1, dtype=torch.long, device=self.kv.device)
             self._mask = torch.zeros(1, self.seq_len, dtype=torch.bool, device=self.kv.device)
+        if self.kv.is_cuda and self._static is not self.kv:
+            # a CUDA graph may then update these in place (gpt-fast keeps its cache as module buffers for this)
+            for t in (self.kv, self._pos, self._mask):
+                torch._dynamo.mark_static_address(t)
+            self._static = self.kv
         self._pos.fill_(self.pos)
         torch.le(self.slots, self.pos, out=self._mask)  # once per step, shared by all layers
         self.step_pos = self._pos
