@@ -238,7 +238,6 @@ def fused_linear(x, linears):
     return F.linear(x, weight).split([lin.out_features for lin in linears], dim=-1)
 
 
-
 def attention(q, k, v, dropout_p=0.0, mask=None):
     """
     q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H a multiple of H_kv (GQA). A mask (True = attend) is used as
