@@ -177,10 +177,14 @@ def test_kv_cache_expand_after_batch1_prefill(model_type):
 
 
 @pytest.mark.parametrize("model_type", TYPES)
-def test_fixed_shape_decode_matches_full_forward(model_type):
-    # decode() writes each token with index_copy_ into the preallocated cache and attends over every slot under a
-    # mask; the logits must be those of a full recompute, also for rows expanded from a batch-1 prefill
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_decode_matches_full_forward(model_type, fixed_shape):
+    # the fixed-shape step writes each token with index_copy_ into the preallocated cache and attends over every
+    # slot under a mask, captured as one graph (backend="eager": the graph without inductor's compilation); the
+    # logits must be those of a full recompute, also for rows expanded from a batch-1 prefill
     model = make_model(model_type)
+    if fixed_shape:
+        model.compile_decode(backend="eager")
     idx = tokens(1, 16, seed=3)
     nxt = tokens(3, 8, seed=4)
     with torch.no_grad():

@@ -399,36 +399,36 @@ class BaseLM(nn.Module):
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
     # Decoding. A model whose attention reads kv_cache.get_pos() for rotary and passes kv_cache.attn_mask to
-    # attention() takes the fixed-shape step; any other decodes one token with a plain forward.
+    # attention() can take the fixed-shape step that compile_decode() compiles
     fixed_shape_decode = False
-    _compiled_decode = None
+    _compiled_step = None
 
     def decode(self, ids, kv_cache):
         """One new token per row, ids (B, 1), after a prefill of kv_cache -> fp32 logits (B, V); advances the cache.
-        A fixed-shape step (KVCache.begin_step): every call has the same shapes, so compile_decode() compiles it
-        once, and on CUDA replays it as a CUDA graph."""
-        if not self.fixed_shape_decode:
+        Eager, a plain forward over the filled part of the cache (the fastest uncompiled). After compile_decode(),
+        a fixed-shape step (KVCache.begin_step): every call has the same shapes, so it is compiled once."""
+        if self._compiled_step is None:
             return self.forward(ids, kv_cache=kv_cache)[:, -1]
         kv_cache.begin_step()
         try:
-            if self._compiled_decode is None:
-                return self._decode_step(ids, kv_cache)
-            logits = self._compiled_decode(ids, kv_cache)
-            # a CUDA graph writes its next output into the same memory: hand out a copy
-            return logits.clone() if logits.is_cuda else logits
+            logits = self._compiled_step(ids, kv_cache)
         finally:
             kv_cache.end_step()
+        # a CUDA graph writes its next output into the same memory: hand out a copy
+        return logits.clone() if logits.is_cuda else logits
 
-    def _decode_step(self, ids, kv_cache):
+    def _fixed_shape_step(self, ids, kv_cache):
         return self.forward(ids, kv_cache=kv_cache)[:, -1]
 
-    def compile_decode(self):
-        """torch.compile the one-token decode step (gpt-fast): on CUDA with CUDA graphs (mode reduce-overhead),
-        which removes the per-kernel launch cost that dominates small batches; elsewhere inductor's fused code.
-        The first steps pay the compilation (and a recompilation when the cache is expanded to more rows)."""
+    def compile_decode(self, backend="inductor"):
+        """torch.compile the one-token decode step (as gpt-fast): on CUDA with CUDA graphs (mode reduce-overhead),
+        which removes the per-kernel launch cost that dominates small batches; on CPU inductor's fused C++.
+        The first steps pay the compilation, and again when the cache is expanded to more rows.
+        backend="eager" only captures the graph (tests). Returns the model."""
         if self.fixed_shape_decode:
-            mode = "reduce-overhead" if self.get_device().type == "cuda" else None
-            self._compiled_decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            mode = "reduce-overhead" if backend == "inductor" and self.get_device().type == "cuda" else None
+            self._compiled_step = torch.compile(self._fixed_shape_step, backend=backend, mode=mode, fullgraph=True,
+                                                dynamic=False)
         return self
 
     def make_kv_cache(self, batch_size, seq_len, device=None, dtype=None):
