@@ -380,7 +380,8 @@ class BaseLM(nn.Module):
         """Final hidden states (B, T, C) -> fp32 logits (B, T, V), or the cross-entropy loss against targets
         (positions with target -1 are ignored; "none" returns per-token losses of shape (B, T), 0 where ignored).
         "mean" is over the targets that count; with none at all it is 0 with zero gradients, never NaN."""
-        if targets is not None and loss_reduction in ("mean", "sum") and torch.is_grad_enabled():
+        fusable = x.device.type in ("cpu", "cuda")  # not on meta (dry runs), nor where autocast is not known
+        if targets is not None and loss_reduction in ("mean", "sum") and torch.is_grad_enabled() and fusable:
             # training: fused by chunks, the (B*T, V) logits are never held whole (LinearCrossEntropy)
             loss = LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                             self.logit_softcap or 0.0)
