@@ -20,6 +20,8 @@ from nanochat.dataset import DataError, iter_row_groups
 
 
 class DataLoader:
+    every_target_counts = True  # a plain token stream: no target is -1, so the trainer need not count them
+
     def __init__(self, B, T, split, tokenizer=None, device="cpu", rank=None, world_size=None,
                  tokenizer_threads=4, tokenizer_batch_size=128):
         if split not in ("train", "val"):

@@ -2,7 +2,8 @@
 Inference engine: batched sampling with a KV cache, and the calculator tool.
 
 Everything is token ids in, token ids out. The engine uses only the model interface
-(`make_kv_cache`, `forward(ids, kv_cache=...)`, `config.sequence_len`, `get_device`), so the
+(`make_kv_cache`, `forward(ids, kv_cache=...)` to prefill, `decode(ids, kv_cache)` for each new token,
+`config.sequence_len`, `get_device`), so the
 same code serves every model type.
 
 Decoding is prefill + decode: the prompt is run once with batch size 1, then the cache is
@@ -185,7 +186,7 @@ class Engine:
             if cache.pos >= capacity:  # the next token has no slot in the cache (or the rotary table)
                 break
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = self.model(ids, kv_cache=cache)[:, -1, :vocab_size]
+            logits = self.model.decode(ids, cache)[:, :vocab_size]
 
     def generate_batch(self, tokens, num_samples=1, keep_end=False, **kwargs):
         """Non-streaming: returns (results, masks), per sample the prompt plus the generated tokens and the matching

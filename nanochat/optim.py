@@ -34,10 +34,13 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
         X = X.mT  # iterate on the wide orientation so X @ X^T is the smaller Gram matrix
     # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1] where the iteration converges
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])  # one batch dim, for baddbmm
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A, the scaling and sum inside the GEMM
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
+    X = X.reshape(shape)
     if tall:
         X = X.mT
     return X
@@ -63,25 +66,22 @@ class Muon(torch.optim.Optimizer):
                                  f"give embeddings, biases and norm weights to AdamW instead (make_adamw)")
         super().add_param_group({**param_group, "params": params})
 
-    def _momentum_update(self, p, group):
-        """Update p's momentum buffer with its grad and return the (Nesterov) direction to orthogonalise."""
-        g = p.grad
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g)
-        buf = state["momentum_buffer"]
-        buf.lerp_(g, 1 - group["momentum"])  # buf = momentum * buf + (1 - momentum) * g
-        return g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-
     def _update_(self, params, group):
-        """Apply one Muon step in place to same-shape params (all with grads), orthogonalising them as a batch."""
-        g = torch.stack([self._momentum_update(p, group) for p in params])
-        update = zeropower_via_newtonschulz5(g, steps=group["ns_steps"])
+        """Apply one Muon step in place to same-shape params (all with grads), orthogonalising them as a batch.
+        The momentum and the update use foreach ops: one dispatch for all the params of a shape, not one each."""
+        grads = [p.grad for p in params]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        momentum = group["momentum"]
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
+        directions = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs  # Nesterov
+        update = zeropower_via_newtonschulz5(torch.stack(directions), steps=group["ns_steps"])
         rows, cols = params[0].shape
         # an orthogonal update of a tall matrix has a smaller RMS per entry; scale it back up (as nanochat)
         lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
-        for p, u in zip(params, update):
-            p.add_(u, alpha=-lr)
+        torch._foreach_add_(params, list(update.to(params[0].dtype).unbind(0)), alpha=-lr)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -84,6 +84,9 @@ def add_train_args(p, inherit=False, **defaults):
     arg("final_lr_frac", fraction, 0.0, "learning rate at the end of the warmdown, as a fraction of the initial one")
     arg("eval_every", auto_or_positive_int, 250, "evaluate every N steps (-1 = only at the start and the end)")
     arg("save_every", auto_or_positive_int, -1, "checkpoint every N steps (-1 = only at the end)")
+    arg("log_every", positive_int, 1, "print and record loss and grad norm every N steps: reading them waits for the "
+        "device, so the steps in between queue work without waiting (NaN/inf is still caught, at the next log step "
+        "or checkpoint, and names the step it happened at)")
     arg("seed", int, 42, "random seed (weights at init, data order, sampling)")
     p.add_argument("--model_tag", default="", help="checkpoint directory name")
     p.add_argument("--resume", type=str2bool, nargs="?", const=True, default=False,
@@ -145,7 +148,10 @@ def setup_optimizers(model, args):
 
 def optimizer_step(model, optimizers, lrm, momentum, grad_clip):
     """Clip, set the learning rates, step, zero the grads. Returns the gradient norm before clipping (a tensor)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # foreach: one norm over all grads instead of a Python loop per parameter (not the default on CPU; MPS has none)
+    foreach = True if model.get_device().type in ("cpu", "cuda") else None
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf,
+                                               foreach=foreach)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -276,14 +282,16 @@ def token_loss_sum(model, x, y):
     return model(x, y, loss_reduction="sum")
 
 
-def forward_backward(model, batches, ddp, world_size, device_type, loss_fn=token_loss_sum):
+def forward_backward(model, batches, ddp, world_size, device_type, loss_fn=token_loss_sum, count=None):
     """Backward of sum(loss_fn over the micro-batches) / (supervised tokens in the step, all ranks). A batch is
     (inputs, targets, *extra), loss_fn(model, *batch) sums its per-token losses. Returns (mean loss, number of
-    supervised tokens); (None, 0) when there is none, and then nothing is run."""
-    count = sum((batch[1] >= 0).sum() for batch in batches)
-    if ddp:
-        dist.all_reduce(count)
-    count = int(count)  # one host-device sync per step: the optimizer step is skipped when it is 0
+    supervised tokens); (None, 0) when there is none, and then nothing is run. `count`: the number of supervised
+    tokens when the caller knows it (every target counts), which saves counting them on the device."""
+    if count is None:
+        count = sum((batch[1] >= 0).sum() for batch in batches)
+        if ddp:
+            dist.all_reduce(count)
+        count = int(count)  # a host-device sync: the optimizer step is skipped when it is 0
     if count == 0:
         return None, 0
     scale = world_size / count  # DDP averages the gradients of the ranks: undo that, then divide by the count
@@ -392,7 +400,18 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
         state = loader.state_dict()  # where the data stands before these batches: what a checkpoint records
         return state, [next(loader) for _ in range(grad_accum)]
 
-    step, smooth_loss, ema_dt, train_time = start_step, None, None, 0.0
+    step, smooth_loss, ema_dt, train_time, t0 = start_step, None, None, 0.0, None
+    # the first step whose loss or grad norm was NaN/inf, kept on the device (-1: none) so that checking it costs
+    # no wait; read at log steps and before every checkpoint, which is then never written after a bad step
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def check_finite():
+        bad = int(first_bad)
+        if bad >= 0:
+            raise NonFiniteLoss(bad, ckpt_dir)
+
+    # every target of a plain token stream counts: the step's count is known without asking the device
+    every_target_counts = getattr(loader, "every_target_counts", False)
     last_metrics = dict(resume.meta.get("metrics", {})) if resume is not None else {}
     last_metrics.pop("train_loss", None)
     try:
@@ -401,29 +420,41 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
             last_step = step == num_iterations
             if last_step or step == 0 or (eval_due or (lambda s: is_due(args.eval_every, s)))(step):
                 last_metrics.update(run_evaluation(step))
+                t0 = None  # evaluation is not training time
             if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+                check_finite()
                 save(step, loader_state)
+                t0 = None
             if last_step:
                 break
 
-            synchronize(device_type)
-            t0 = time.time()
-            loss, count = forward_backward(model, batches, ddp, world_size, device_type)
+            if t0 is None:  # a timing window starts: from here to the next log step
+                synchronize(device_type)
+                t0, window = time.time(), 0
+            window += 1
+            processed = tokens_per_step or sum(batch[0].numel() for batch in batches) * world_size
+            known = sum(batch[1].numel() for batch in batches) * world_size if every_target_counts else None
+            loss, count = forward_backward(model, batches, ddp, world_size, device_type, count=known)
             lrm = lr_multiplier(step, num_iterations, args)
             grad_norm = None
             if loss is not None:
                 grad_norm = optimizer_step(orig_model, optimizers, lrm, muon_momentum(step), args.grad_clip)
-            processed = tokens_per_step or sum(batch[0].numel() for batch in batches) * world_size
+                values = torch.stack([loss, grad_norm.to(loss.device)])
+                first_bad = torch.where((first_bad < 0) & ~values.isfinite().all(), step, first_bad)
             loader_state, batches = fetch()  # the next batches are prepared while the device finishes this step
+            # the first step is logged alone: it includes compilation and warm-up
+            if not (step == start_step or is_due(args.log_every, step + 1) or step + 1 == num_iterations):
+                step += 1  # nothing read back from the device: the next step is queued right away
+                continue
+            check_finite()
             if loss is not None:
-                loss, grad_norm = torch.stack([loss, grad_norm.to(loss.device)]).tolist()
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise NonFiniteLoss(step, ckpt_dir)
+                loss, grad_norm = values.tolist()
             synchronize(device_type)
-            dt = time.time() - t0
+            dt = (time.time() - t0) / window  # per step, over the steps since the last log
+            t0 = None
 
-            if step > start_step:  # the first step includes compilation and warm-up
-                train_time += dt
+            if step > start_step:
+                train_time += dt * window
                 ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
             if loss is not None:
                 smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss

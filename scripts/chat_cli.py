@@ -20,6 +20,7 @@ from nanochat.common import (
     parse_args,
     positive_int,
     run_cli,
+    str2bool,
 )
 from nanochat.engine import Engine
 
@@ -34,6 +35,8 @@ def build_parser():
                         help="sample among the k most likely tokens")
     parser.add_argument("-m", "--max_tokens", type=positive_int, default=512, help="max tokens per reply")
     parser.add_argument("--device_type", type=str, default="", help="cuda|cpu|mps; empty: autodetect")
+    parser.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
+                        help="compile the one-token decode step: a slower start (compilation), faster tokens")
     return parser
 
 
@@ -117,6 +120,8 @@ def main(argv=None):
     args.source = resolve_source(args.source, args.model_type)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
                                         model_type=args.model_type)
+    if args.compile:
+        model.compile_decode()
     engine = Engine(model, tokenizer)
     chat = args.source != "base"
     print(f"{meta['model_tag']} ({meta['model_type']}, {args.source}, step {meta['step']}) on {device}")

@@ -120,15 +120,16 @@ def test_sft_loss_has_no_gradient_outside_the_assistant(tokenizer, model_type):
     model = tiny_model(model_type, tokenizer.get_vocab_size(), max_seq_len=64)
     x, y = next(PaddedConversationLoader(ListTask([conversation(3), conversation(12, words=4)]), tokenizer, 2, 64,
                                          rank=0, world_size=1))
-    captured = {}
+    captured, original = {}, model.logits_or_loss
 
-    def keep(module, args, out):
-        out.retain_grad()
-        captured["logits"] = out
+    def keep(hidden, targets=None, loss_reduction="mean"):  # the final hidden states, the lm_head's input
+        hidden.retain_grad()
+        captured["hidden"] = hidden
+        return original(hidden, targets, loss_reduction)
 
-    model.lm_head.register_forward_hook(keep)
+    model.logits_or_loss = keep
     model(x, y).backward()
-    grad = captured["logits"].grad.abs().sum(-1)  # (B, T)
+    grad = captured["hidden"].grad.abs().sum(-1)  # (B, T)
     assert torch.all(grad[y == -1] == 0)  # exactly zero: user turn, tool output, padding
     assert torch.all(grad[y != -1] > 0)
 

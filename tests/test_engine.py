@@ -193,6 +193,9 @@ class ScriptedModel:
         logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 10.0
         return logits
 
+    def decode(self, ids, kv_cache):
+        return self(ids, kv_cache)[:, -1]
+
 
 def test_tool_use_forces_calculator_output(tokenizer):
     special = tokenizer.encode_special

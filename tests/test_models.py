@@ -176,6 +176,39 @@ def test_kv_cache_expand_after_batch1_prefill(model_type):
     torch.testing.assert_close(step, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_decode_matches_full_forward(model_type, fixed_shape):
+    # the fixed-shape step writes each token with index_copy_ into the preallocated cache and attends over every
+    # slot under a mask, captured as one graph (backend="eager": the graph without inductor's compilation); the
+    # logits must be those of a full recompute, also for rows expanded from a batch-1 prefill
+    model = make_model(model_type)
+    if fixed_shape:
+        model.compile_decode(backend="eager")
+    idx = tokens(1, 16, seed=3)
+    nxt = tokens(3, 8, seed=4)
+    with torch.no_grad():
+        cache = model.make_kv_cache(1, 24)
+        model(idx, kv_cache=cache)
+        cache.expand(3)
+        steps = [model.decode(nxt[:, t:t + 1], cache) for t in range(8)]
+        full = model(torch.cat([idx.expand(3, -1), nxt], dim=1))[:, 16:]
+    assert cache.pos == 24 and cache.step_pos is None
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="KV cache overflow"):
+        model.decode(nxt[:, :1], cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", TYPES)
+def test_compiled_decode_matches_eager(model_type):
+    model = make_model(model_type)
+    idx = tokens(1, 12, seed=5)
+    eager = list(model.generate(idx[0].tolist(), 6, temperature=0.0))
+    compiled = list(make_model(model_type).compile_decode().generate(idx[0].tolist(), 6, temperature=0.0))
+    assert compiled == eager
+
+
 def test_kv_cache_overflow_and_shape_errors():
     cache = KVCache(batch_size=1, num_heads=2, seq_len=4, head_dim=8, num_layers=1)
     k = torch.randn(1, 2, 3, 8)
@@ -232,6 +265,36 @@ def test_loss_reductions_and_ignore_index(model_type):
     torch.testing.assert_close(mean_masked, manual[keep].mean(), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="loss_reduction"):
         model(idx, targets, loss_reduction="avg")
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_fused_training_loss_matches_logits_loss(model_type):
+    # with gradients on, "sum" and "mean" go through LinearCrossEntropy (chunks, gradients in the forward pass):
+    # loss and every gradient must equal those of the full logits' cross-entropy, ignored targets included
+    from nanochat.models.base import LinearCrossEntropy
+
+    idx, targets = tokens(2, 16, seed=6), tokens(2, 16, seed=7)
+    targets[0, :5] = -1
+    results = []
+    for fused in (True, False):
+        model = make_model(model_type).train()
+        if fused:
+            loss = model(idx, targets) + model(idx, targets, loss_reduction="sum") / 100
+        else:
+            logits = model(idx)
+            ce = F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-1, reduction="sum")
+            loss = ce / (targets != -1).sum() + ce / 100
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (fused_loss, fused_grads), (ref_loss, ref_grads) = results
+    torch.testing.assert_close(fused_loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for g, r in zip(fused_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    # chunk boundaries do not matter
+    x, w = torch.randn(37, 8, requires_grad=True), torch.randn(VOCAB, 8)
+    t = tokens(1, 37)[0]
+    one = LinearCrossEntropy.apply(x, w, t, 15.0, 64)
+    torch.testing.assert_close(LinearCrossEntropy.apply(x, w, t, 15.0, 5), one, atol=1e-5, rtol=1e-6)
 
 
 def test_gpt_logits_are_softcapped_at_15():

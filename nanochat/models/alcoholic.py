@@ -17,7 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.models.base import BaseLM, HFMapping, RMSNorm, Rotary, apply_rotary_emb, attention, heads_for_width
+from nanochat.models.base import (
+    BaseLM,
+    HFMapping,
+    RMSNorm,
+    Rotary,
+    apply_rotary_emb,
+    attention,
+    fused_linear,
+    heads_for_width,
+)
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 MLP_TYPES = ("swiglu", "relu2")
@@ -173,16 +182,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos_sin, kv_cache):
         B, T, C = x.size()
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)  # before rotary, as Qwen3
         q, k = apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        mask = None if kv_cache is None else kv_cache.attn_mask  # set in a fixed-shape decode step only
+        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.o_proj(y)
 
@@ -222,6 +233,7 @@ class DecoderLayer(nn.Module):
 
 class Alcoholic(BaseLM):
     model_type = "alcoholic"
+    fixed_shape_decode = True
     hf_mapping = Qwen3Mapping()
     # the model-selection guide's d20 config, as written there
     presets = {"guide_d20": AlcoholicNanoConfig(
@@ -270,7 +282,7 @@ class Alcoholic(BaseLM):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()
-        t0 = 0 if kv_cache is None else kv_cache.pos  # decoding continues at the cache's position
+        t0 = 0 if kv_cache is None else kv_cache.get_pos()  # decoding continues at the cache's position
         cos_sin = self.rotary(t0, T)
         x = self.model.embed_tokens(idx)
         if self.config.embed_norm:

@@ -58,7 +58,8 @@ def apply_rotary_emb(x, cos, sin):
     assert x.ndim == 4, f"apply_rotary_emb expects (B, T, H, D), got shape {tuple(x.shape)}"
     d = x.shape[3] // 2
     x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # tables are kept in fp32; rotate in the activations' dtype
+    if cos.dtype != x.dtype:  # tables are kept in fp32; rotate in the activations' dtype
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=3)
 
 
@@ -95,7 +96,10 @@ class Rotary(nn.Module):
         self.cos, self.sin = rotary_tables(seq_len, self.head_dim, self.theta, self.negate_sin, self.cos.device)
 
     def forward(self, start, length):
-        """Tables for positions start .. start+length-1."""
+        """Tables for positions start .. start+length-1. start may be a (1,) tensor (a fixed-shape decode step,
+        length 1): then the tables are gathered on the device, with no Python int that would change every step."""
+        if isinstance(start, torch.Tensor):
+            return self.cos[:, start], self.sin[:, start]
         end = start + length
         if end > self.cos.size(1):
             new_len = max(end, 2 * self.cos.size(1))
@@ -116,15 +120,21 @@ class KVCache:
     insert_kv() writes the new positions and returns views up to them; pos advances after the last layer,
     so all layers of one forward pass write at the same offset. With dtype/device None the buffer is allocated
     on the first insert, in the dtype and on the device of the keys (bf16 under CUDA autocast, fp32 on CPU).
+    In a fixed-shape decode step (BaseLM.decode) step_pos holds the position as a (1,) tensor: the new token is
+    written there with index_copy_, get_pos() returns that tensor, insert_kv() returns the whole buffer and
+    attn_mask says which of its slots are filled, so the step's shapes never change (as gpt-fast's cache).
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device=None, dtype=None):
         self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
         self.kv = None
         if device is not None and dtype is not None:
-            self.kv = torch.empty(self.shape, device=device, dtype=dtype)
+            self.kv = torch.zeros(self.shape, device=device, dtype=dtype)
         self.device, self.dtype = device, dtype
         self.pos = 0
+        self.step_pos = None  # a (1,) long tensor during a fixed-shape decode step, else None
+        self.slots = None  # arange(T_max) on the device, for attn_mask
+        self._static = None  # the buffer last marked static for CUDA graphs
 
     @property
     def batch_size(self):
@@ -138,10 +148,45 @@ class KVCache:
         self.pos = 0
 
     def get_pos(self):
-        return self.pos
+        return self.pos if self.step_pos is None else self.step_pos
+
+    @property
+    def attn_mask(self):
+        """None, except in a fixed-shape decode step: (1, T_max) bool, True for the slots up to the new token."""
+        return None if self.step_pos is None else self._mask
+
+    def begin_step(self):
+        """Enter a fixed-shape decode step at pos (BaseLM.decode). The position tensor is reused and updated in
+        place, so a compiled step (or a CUDA graph) always reads it from the same memory."""
+        if self.kv is None:
+            raise RuntimeError("a fixed-shape decode step needs a filled KV cache: prefill the prompt first")
+        if self.pos >= self.seq_len:
+            raise RuntimeError(f"KV cache overflow: all seq_len={self.seq_len} positions are taken; create the "
+                               f"cache with a larger seq_len (prompt length + max new tokens)")
+        if self.slots is None or self.slots.device != self.kv.device:
+            self.slots = torch.arange(self.seq_len, device=self.kv.device).unsqueeze(0)  # (Tq=1, T_max)
+            self._pos = torch.zeros(1, dtype=torch.long, device=self.kv.device)
+            self._mask = torch.zeros(1, self.seq_len, dtype=torch.bool, device=self.kv.device)
+        if self.kv.is_cuda and self._static is not self.kv:
+            # a CUDA graph may then update these in place (gpt-fast keeps its cache as module buffers for this)
+            for t in (self.kv, self._pos, self._mask):
+                torch._dynamo.mark_static_address(t)
+            self._static = self.kv
+        self._pos.fill_(self.pos)
+        torch.le(self.slots, self.pos, out=self._mask)  # once per step, shared by all layers
+        self.step_pos = self._pos
+
+    def end_step(self):
+        self.step_pos = None
+        self.pos += 1
 
     def insert_kv(self, layer_idx, k, v):
-        """k, v: (B, H_kv, T_new, D). Returns (k_all, v_all) of shape (B, H_kv, pos + T_new, D)."""
+        """k, v: (B, H_kv, T_new, D). Returns (k_all, v_all) of shape (B, H_kv, pos + T_new, D), or of the whole
+        buffer (B, H_kv, T_max, D) in a fixed-shape decode step."""
+        if self.step_pos is not None:
+            self.kv[layer_idx, 0].index_copy_(2, self.step_pos, k.to(self.kv.dtype))
+            self.kv[layer_idx, 1].index_copy_(2, self.step_pos, v.to(self.kv.dtype))
+            return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
         B, H, T_new, D = k.shape
         _, _, B0, H0, T_max, D0 = self.shape
         if (B, H, D) != (B0, H0, D0):
@@ -152,7 +197,7 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {t0} cached + {T_new} new positions > seq_len={T_max}; "
                                f"create the cache with a larger seq_len (prompt length + max new tokens)")
         if self.kv is None:
-            self.kv = torch.empty(self.shape, device=self.device or k.device, dtype=self.dtype or k.dtype)
+            self.kv = torch.zeros(self.shape, device=self.device or k.device, dtype=self.dtype or k.dtype)
         self.kv[layer_idx, 0, :, :, t0:t1] = k
         self.kv[layer_idx, 1, :, :, t0:t1] = v
         if layer_idx == self.shape[0] - 1:
@@ -171,7 +216,7 @@ class KVCache:
         L, two, _, H, T_max, D = self.shape
         self.shape = (L, two, batch_size, H, T_max, D)
         if self.kv is not None:
-            new = torch.empty(self.shape, device=self.kv.device, dtype=self.kv.dtype)
+            new = torch.zeros(self.shape, device=self.kv.device, dtype=self.kv.dtype)
             new[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]  # broadcasts the one row to all
             self.kv = new
         return self
@@ -181,9 +226,22 @@ class KVCache:
 # Attention
 
 
-def attention(q, k, v, dropout_p=0.0):
+def fused_linear(x, linears):
+    """x through several bias-free nn.Linear of the same input as one GEMM on their concatenated weights: fewer,
+    larger GEMMs, and in backward one GEMM for x's gradient instead of one per projection plus their sum (q, k, v:
+    ~1.4x faster on CPU at width 256). The parameters stay separate, so the state_dict keys are unchanged and Muon
+    still orthogonalises each matrix alone. The concatenation copies the weights: a one-token decode step, where
+    that copy costs more than the GEMMs it saves, keeps the separate projections."""
+    if x.size(-2) == 1:
+        return [lin(x) for lin in linears]
+    weight = torch.cat([lin.weight for lin in linears])
+    return F.linear(x, weight).split([lin.out_features for lin in linears], dim=-1)
+
+
+def attention(q, k, v, dropout_p=0.0, mask=None):
     """
-    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H a multiple of H_kv (GQA). Three cases:
+    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H a multiple of H_kv (GQA). A mask (True = attend) is used as
+    given (a fixed-shape decode step: KVCache.attn_mask); without one, three cases:
     - Tq == Tk: training, or a prefill into an empty cache -> plain causal attention
     - Tq == 1: decoding one token -> it sees every cached position, no mask
     - 1 < Tq < Tk: a chunk appended to a non-empty cache -> the whole prefix plus causal within the chunk
@@ -192,6 +250,8 @@ def attention(q, k, v, dropout_p=0.0):
     if k.dtype != q.dtype:  # a cache allocated in another dtype than the activations
         k, v = k.to(q.dtype), v.to(q.dtype)
     gqa = q.size(1) != k.size(1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
     if Tq == 1:
@@ -227,6 +287,58 @@ def sample_next_token(logits, rng=None, temperature=1.0, top_k=None, top_p=None)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=rng)
+
+
+# -----------------------------------------------------------------------------
+# The training loss
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """
+    sum of cross_entropy(softcap(x @ weight.T), targets) over the targets != -1, by chunks of rows, with the
+    gradients computed in the forward pass (as Liger-Kernel's fused linear cross-entropy): each chunk's fp32
+    logits are made, used and dropped while still in cache, so neither the (N, V) logits nor the softcap's and
+    log-softmax's copies of them are kept for backward, which only scales the two saved gradients.
+    Same math (and the same matmul dtype under autocast) as lm_head -> float -> softcap -> F.cross_entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, chunk_size=1024):
+        if torch.is_autocast_enabled(x.device.type):  # the lm_head's matmul dtype, as the unfused path
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = torch.promote_types(x.dtype, weight.dtype)
+        w = weight.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            grad_x = torch.empty_like(x)
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            for i in range(0, x.size(0), chunk_size):
+                xs, ts = x[i:i + chunk_size].to(dtype), targets[i:i + chunk_size]
+                logits = (xs @ w.T).float()
+                if softcap:
+                    tanh = torch.tanh(logits / softcap)
+                    logits = softcap * tanh
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                keep = (ts != -1).unsqueeze(1)
+                safe = ts.clamp(min=0).unsqueeze(1)
+                loss += ((lse - logits.gather(1, safe)) * keep).sum()
+                # d loss / d logits = softmax - one_hot(target), 0 on ignored rows; then through the softcap
+                g = logits.sub_(lse).exp_()
+                g.scatter_add_(1, safe, torch.full_like(lse, -1.0))
+                g.mul_(keep)
+                if softcap:
+                    g.mul_(1 - tanh.square_())
+                g = g.to(dtype)
+                grad_x[i:i + chunk_size] = g @ w
+                grad_w += g.T @ xs  # accumulated in fp32 across the chunks
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -268,6 +380,12 @@ class BaseLM(nn.Module):
         """Final hidden states (B, T, C) -> fp32 logits (B, T, V), or the cross-entropy loss against targets
         (positions with target -1 are ignored; "none" returns per-token losses of shape (B, T), 0 where ignored).
         "mean" is over the targets that count; with none at all it is 0 with zero gradients, never NaN."""
+        fusable = x.device.type in ("cpu", "cuda")  # not on meta (dry runs), nor where autocast is not known
+        if targets is not None and loss_reduction in ("mean", "sum") and torch.is_grad_enabled() and fusable:
+            # training: fused by chunks, the (B*T, V) logits are never held whole (LinearCrossEntropy)
+            loss = LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                            self.logit_softcap or 0.0)
+            return loss / (targets != -1).sum().clamp(min=1) if loss_reduction == "mean" else loss
         logits = self.lm_head(x).float()  # fp32 for the softcap and the loss
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -280,6 +398,39 @@ class BaseLM(nn.Module):
         if loss_reduction == "mean":
             return loss / (targets != -1).sum().clamp(min=1)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    # Decoding. A model whose attention reads kv_cache.get_pos() for rotary and passes kv_cache.attn_mask to
+    # attention() can take the fixed-shape step that compile_decode() compiles
+    fixed_shape_decode = False
+    _compiled_step = None
+
+    def decode(self, ids, kv_cache):
+        """One new token per row, ids (B, 1), after a prefill of kv_cache -> fp32 logits (B, V); advances the cache.
+        Eager, a plain forward over the filled part of the cache (the fastest uncompiled). After compile_decode(),
+        a fixed-shape step (KVCache.begin_step): every call has the same shapes, so it is compiled once."""
+        if self._compiled_step is None:
+            return self.forward(ids, kv_cache=kv_cache)[:, -1]
+        kv_cache.begin_step()
+        try:
+            logits = self._compiled_step(ids, kv_cache)
+        finally:
+            kv_cache.end_step()
+        # a CUDA graph writes its next output into the same memory: hand out a copy
+        return logits.clone() if logits.is_cuda else logits
+
+    def _fixed_shape_step(self, ids, kv_cache):
+        return self.forward(ids, kv_cache=kv_cache)[:, -1]
+
+    def compile_decode(self, backend="inductor"):
+        """torch.compile the one-token decode step (as gpt-fast): on CUDA with CUDA graphs (mode reduce-overhead),
+        which removes the per-kernel launch cost that dominates small batches; on CPU inductor's fused C++.
+        The first steps pay the compilation, and again when the cache is expanded to more rows.
+        backend="eager" only captures the graph (tests). Returns the model."""
+        if self.fixed_shape_decode:
+            mode = "reduce-overhead" if backend == "inductor" and self.get_device().type == "cuda" else None
+            self._compiled_step = torch.compile(self._fixed_shape_step, backend=backend, mode=mode, fullgraph=True,
+                                                dynamic=False)
+        return self
 
     def make_kv_cache(self, batch_size, seq_len, device=None, dtype=None):
         c = self.config
@@ -351,10 +502,12 @@ class BaseLM(nn.Module):
             rng.manual_seed(seed)
         kv_cache = self.make_kv_cache(1, len(tokens) + max_tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            logits = self.forward(ids, kv_cache=kv_cache)[:, -1, :]
+        logits = self.forward(ids, kv_cache=kv_cache)[:, -1, :]
+        for i in range(max_tokens):
             ids = sample_next_token(logits, rng, temperature, top_k)
             yield ids.item()
+            if i + 1 < max_tokens:
+                logits = self.decode(ids, kv_cache)
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.models.base import BaseLM, HFMapping, Rotary, apply_rotary_emb, attention, heads_for_width, norm
+from nanochat.models.base import (
+    BaseLM,
+    HFMapping,
+    Rotary,
+    apply_rotary_emb,
+    attention,
+    fused_linear,
+    heads_for_width,
+    norm,
+)
 
 SOFTCAP = 15  # logits are squashed smoothly into [-15, 15], which keeps early training stable (as nanochat)
 ROPE_THETA = 10000  # nanochat's rotary base
@@ -111,15 +120,17 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos_sin, kv_cache):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = fused_linear(x, (self.c_q, self.c_k, self.c_v))
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)
         q, k = norm(q), norm(k)  # QK norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        y = attention(q, k, v)
+        mask = None if kv_cache is None else kv_cache.attn_mask  # set in a fixed-shape decode step only
+        y = attention(q, k, v, mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -148,6 +159,7 @@ class Block(nn.Module):
 
 class GPT(BaseLM):
     model_type = "gpt"
+    fixed_shape_decode = True
     hf_mapping = NanoChatMapping()
     logit_softcap = SOFTCAP
     # the model-selection guide's d20 config, as written there
@@ -186,7 +198,7 @@ class GPT(BaseLM):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()
-        t0 = 0 if kv_cache is None else kv_cache.pos  # decoding continues at the cache's position
+        t0 = 0 if kv_cache is None else kv_cache.get_pos()  # decoding continues at the cache's position
         cos_sin = self.rotary(t0, T)
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:

@@ -124,3 +124,14 @@ def test_non_finite_gradient_later_keeps_the_last_good_checkpoint(base_env, monk
 
     model, _, _ = load_model("base", model_tag="gpt_d1")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_between_log_steps_is_caught_before_the_next_checkpoint(base_env, monkeypatch, capsys):
+    # with --log_every the loss is not read every step: the NaN of step 1 is found when step 2 would be saved,
+    # named with its own step, and the checkpoint of step 1 (written before it) stays the last one
+    poison(monkeypatch, "gpt", 2, "loss")
+    with pytest.raises(SystemExit) as e:
+        base_train.main([*TINY, "--num_iterations=6", "--save_every=1", "--log_every=5"])
+    assert e.value.code == 1
+    d = checkpoint_dir("base", "gpt_d1")
+    assert "NaN/inf at step 1" in capsys.readouterr().out and find_last_step(d) == 1
