@@ -1,7 +1,12 @@
 """
 What a pretraining run will be, decided before it starts: the batch split (micro-batches x ranks x accumulation),
 the number of steps, parameters and FLOPs per token, and a memory estimate. base_train prints it with --dry_run;
-scripts.bench uses the same describe().
+scripts.bench uses the same describe() and checks estimate_peak_memory() against measured peaks (bench memory).
+
+The memory estimate runs the real model's training step (forward, backward, clipping, AdamW + Muon) on fake tensors
+under a dispatch mode that counts the bytes of the tensors alive after every op: the peak of what the step holds,
+temporaries included, without a formula to keep in sync with the models. On CPU the process's own memory (Python,
+torch, kernels) is measured and added, since the reported peak there is the process's max RSS.
 """
 
 import contextlib
@@ -164,12 +169,15 @@ def runtime_baseline(device_type):
     return current_rss() or CPU_RUNTIME_BYTES
 
 
-def estimate_peak_memory(model_type, config, batch_size, seq_len, device_type, activation_checkpointing=False):
+def estimate_peak_memory(model_type, config, batch_size, seq_len, device_type, activation_checkpointing=False,
+                         world_size=1):
     """Bytes at the peak of a training run, as base_train reports it: the tensors' peak (weights, grads, optimizer
-    state, activations and the temporaries of every op, counted on fake tensors) plus the runtime's own memory
-    on CPU. Eager mode; torch.compile saves activations differently."""
+    state, activations and the temporaries of every op, counted on fake tensors) plus the runtime's own memory on
+    CPU; with DDP, its gradient buckets (one more fp32 copy of the weights). Eager mode; torch.compile saves
+    activations differently."""
     tensors = tensor_peak_bytes(model_type, config, batch_size, seq_len, device_type, activation_checkpointing)
-    return tensors + runtime_baseline(device_type)
+    buckets = 4 * meta_model(model_type, config).num_params_by_group()["total"] if world_size > 1 else 0
+    return tensors + buckets + runtime_baseline(device_type)
 
 
 def print_dry_run(args, vocab_size, device_type, world_size):
@@ -187,7 +195,7 @@ def print_dry_run(args, vocab_size, device_type, world_size):
         groups = model.num_params_by_group()
         flops = model.estimate_flops()
         mem = estimate_peak_memory(model_type, config, args.device_batch_size, args.max_seq_len, device_type,
-                                   getattr(args, "activation_checkpointing", False))
+                                   getattr(args, "activation_checkpointing", False), world_size)
         iters, why = plan_iterations(args, groups["total"], flops, total_batch)
         chosen = " (chosen)" if model_type == args.model_type else ""
         print0(f"\n[{model_type}{chosen}] {config}")
