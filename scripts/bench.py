@@ -382,7 +382,8 @@ def decode_rows(model_type, model, peer, prompt, args, device_type, batch_sizes,
 
     engine = Engine(model, NoStopTokenizer(vocab_size))
     n_new = args.max_tokens
-    ours_tokens = [column[0] for column, _ in engine.generate(prompt, max_tokens=n_new, temperature=0.0)]
+    with autocast_ctx(device_type):
+        ours_tokens = [column[0] for column, _ in engine.generate(prompt, max_tokens=n_new, temperature=0.0)]
     peer_tokens = []
     if peer is not None:
         peer_run(peer, prompt, 1, n_new, device_type, out=peer_tokens)
@@ -559,7 +560,7 @@ def cmd_memory_child(args):
 
 
 def cmd_memory(args):
-    from nanochat.plan import tensor_peak_bytes
+    from nanochat.plan import allocator_held, tensor_peak_bytes
 
     device_type = setup(args)
     B, T = args.batch_size, args.seq_len
@@ -578,8 +579,10 @@ def cmd_memory(args):
             measured = measure_in_subprocess(spec)
             config = config_from_depth(model_type, args.depth, T, args.vocab_size, head_dim=args.head_dim)
             tensors = tensor_peak_bytes(model_type, config, B, T, device_type, ckpt)
-            # the estimate as --dry_run makes it: tensors plus the runtime's own memory, measured in the fresh process
-            estimate = {"peak": tensors + measured["baseline"], "tensors": tensors, "baseline": measured["baseline"]}
+            # the estimate as --dry_run makes it (estimate_peak_memory), with the runtime baseline of the fresh process
+            held = allocator_held(tensors, device_type, ckpt)
+            estimate = {"peak": held + measured["baseline"], "tensors": tensors, "held": held,
+                        "baseline": measured["baseline"]}
             key = model_type + ("+ckpt" if ckpt else "")
             results[key] = {"measured": measured, "estimate": estimate,
                             "ratio": estimate["peak"] / measured["peak"],
@@ -591,9 +594,9 @@ def cmd_memory(args):
     what = "max allocated" if device_type == "cuda" else "max RSS"
     print_table(["model", f"measured ({what}) GiB", "estimate GiB", "est/meas", "measured - baseline GiB",
                  "estimated tensors GiB", "est/meas"], rows)
-    print("estimate: nanochat.plan.estimate_peak_memory (base_train --dry_run), tensors counted on fake tensors over "
-          "two training steps" + (", plus the process's RSS after a tiny warm-up step" if device_type != "cuda"
-                                  else ""))
+    print("estimate: nanochat.plan.estimate_peak_memory (base_train --dry_run): the tensors' peak in a training step, "
+          "counted on fake tensors" + (", times what glibc's heap keeps (plan.CPU_HEAP_RETENTION), plus the process's "
+                                       "RSS after a tiny warm-up step" if device_type != "cuda" else ""))
     write_results(args, "memory", results)
     return results
 
