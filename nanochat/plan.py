@@ -25,11 +25,13 @@ from nanochat.models import MODEL_TYPES, build_model, config_from_depth, config_
 
 CUDA_TOTAL_BATCH = 524288  # tokens per optimizer step on GPU (nanochat's default, ~0.5M)
 CPU_RUNTIME_BYTES = 600 * 2**20  # Python + torch resident on CPU where the OS cannot tell us (measured on Linux)
-# glibc keeps the memory of freed tensors below its mmap threshold (which rises to 32 MiB after the first large free)
-# in its heap, where small allocations in between fragment it: training's max RSS is 1.2-1.3x the tensors' peak, and
-# 1.9-2.1x with activation checkpointing, whose recomputation in backward fragments more (scripts.bench memory, d8,
-# batch 8 x 512, both types). With a fixed MALLOC_MMAP_THRESHOLD_ it is 1.0x, but CPU training runs ~1.6x slower.
-CPU_HEAP_RETENTION = {False: 1.25, True: 2.0}  # by activation_checkpointing
+# glibc serves tensors below its mmap threshold, which rises to 32 MiB after the first large free, from its heap and
+# keeps their memory when they are freed; small allocations in between fragment it. Measured (scripts.bench memory,
+# gpt and alcoholic, d4-d8, batch 4-8 x 256-512): max RSS = tensors' peak + ~0.5 x the peak of those heap tensors,
+# ~1.3x with activation checkpointing, whose recomputation in backward fragments more. (A fixed MALLOC_MMAP_THRESHOLD_
+# removes the excess but makes CPU training ~1.6x slower.)
+GLIBC_MMAP_MAX = 32 * 2**20
+CPU_HEAP_RETENTION = {False: 0.5, True: 1.3}  # by activation_checkpointing
 
 
 def batch_plan(args, device_type, world_size):
@@ -88,12 +90,12 @@ def describe(model_type, config):
 
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of every tensor storage alive after each op and keeps the high-water mark: what a caching
-    allocator that frees at once would hold at its peak. Storages are held weakly, so a tensor that autograd or
-    Python drops stops counting as soon as it is gone."""
+    allocator that frees at once would hold at its peak; and the high-water mark of the tensors small enough for
+    glibc's heap. Storages are held weakly, so a tensor that autograd or Python drops stops counting once gone."""
 
     def __init__(self, tensors=()):
         super().__init__()
-        self.live, self.peak = {}, 0
+        self.live, self.peak, self.heap_peak = {}, 0, 0
         for t in tensors:
             self.track(t)
 
@@ -110,11 +112,12 @@ class LiveBytes(TorchDispatchMode):
                 self.track(t)
         self.live = {ref: n for ref, n in self.live.items() if not ref.expired()}
         self.peak = max(self.peak, sum(self.live.values()))
+        self.heap_peak = max(self.heap_peak, sum(n for n in self.live.values() if n < GLIBC_MMAP_MAX))
         return out
 
 
 def tensor_peak_bytes(model_type, config, batch_size, seq_len, device_type, activation_checkpointing=False):
-    """Peak bytes held by tensors during a training step as the trainer runs it (forward, backward, grad clipping,
+    """LiveBytes of a training step as the trainer runs it (forward, backward, grad clipping,
     AdamW + Muon step, zero_grad) once the optimizer state exists, counted on fake tensors: every op is dispatched,
     none computes or allocates. On a machine without the device, its precision is simulated on fake CPU tensors
     (CUDA: bf16 autocast)."""
@@ -138,7 +141,7 @@ def tensor_peak_bytes(model_type, config, batch_size, seq_len, device_type, acti
             loss.backward()
             del loss
             optimizer_step(model, optimizers, 1.0, 0.95, grad_clip=1.0)
-    return tracker.peak
+    return tracker
 
 
 def current_rss():
@@ -174,19 +177,19 @@ def runtime_baseline(device_type):
     return current_rss() or CPU_RUNTIME_BYTES
 
 
-def allocator_held(tensor_bytes, device_type, activation_checkpointing=False):
-    """What the allocator holds when the tensors hold tensor_bytes: on CUDA the same (max allocated counts tensors),
-    on CPU more, what glibc's heap keeps of freed tensors (CPU_HEAP_RETENTION)."""
+def allocator_held(tensors, device_type, activation_checkpointing=False):
+    """Bytes the allocator holds at the peak of `tensors` (a LiveBytes): on CUDA the tensors' peak (max allocated
+    counts tensors), on CPU also what glibc's heap keeps of freed tensors (CPU_HEAP_RETENTION)."""
     if device_type == "cuda":
-        return tensor_bytes
-    return int(tensor_bytes * CPU_HEAP_RETENTION[bool(activation_checkpointing)])
+        return tensors.peak
+    return tensors.peak + int(tensors.heap_peak * CPU_HEAP_RETENTION[bool(activation_checkpointing)])
 
 
 def estimate_peak_memory(model_type, config, batch_size, seq_len, device_type, activation_checkpointing=False,
                          world_size=1):
     """Bytes at the peak of a training run, as base_train reports it: the tensors' peak (weights, grads, optimizer
-    state, activations and the temporaries of every op, counted on fake tensors), on CPU times the heap's retention
-    plus the runtime's own memory; with DDP, its gradient buckets (one more fp32 copy of the weights). Eager mode;
+    state, activations and the temporaries of every op, counted on fake tensors), on CPU plus what glibc's heap keeps
+    and the runtime's own memory; with DDP, its gradient buckets (one more fp32 copy of the weights). Eager mode;
     torch.compile saves activations differently."""
     tensors = tensor_peak_bytes(model_type, config, batch_size, seq_len, device_type, activation_checkpointing)
     buckets = 4 * meta_model(model_type, config).num_params_by_group()["total"] if world_size > 1 else 0

@@ -578,11 +578,11 @@ def cmd_memory(args):
                         device_type=device_type, threads=args.threads)
             measured = measure_in_subprocess(spec)
             config = config_from_depth(model_type, args.depth, T, args.vocab_size, head_dim=args.head_dim)
-            tensors = tensor_peak_bytes(model_type, config, B, T, device_type, ckpt)
+            counted = tensor_peak_bytes(model_type, config, B, T, device_type, ckpt)
             # the estimate as --dry_run makes it (estimate_peak_memory), with the runtime baseline of the fresh process
-            held = allocator_held(tensors, device_type, ckpt)
-            estimate = {"peak": held + measured["baseline"], "tensors": tensors, "held": held,
-                        "baseline": measured["baseline"]}
+            held, tensors = allocator_held(counted, device_type, ckpt), counted.peak
+            estimate = {"peak": held + measured["baseline"], "tensors": tensors, "heap_tensors": counted.heap_peak,
+                        "held": held, "baseline": measured["baseline"]}
             key = model_type + ("+ckpt" if ckpt else "")
             results[key] = {"measured": measured, "estimate": estimate,
                             "ratio": estimate["peak"] / measured["peak"],
@@ -595,7 +595,7 @@ def cmd_memory(args):
     print_table(["model", f"measured ({what}) GiB", "estimate GiB", "est/meas", "measured - baseline GiB",
                  "estimated tensors GiB", "est/meas"], rows)
     print("estimate: nanochat.plan.estimate_peak_memory (base_train --dry_run): the tensors' peak in a training step, "
-          "counted on fake tensors" + (", times what glibc's heap keeps (plan.CPU_HEAP_RETENTION), plus the process's "
+          "counted on fake tensors" + (", plus what glibc's heap keeps (plan.CPU_HEAP_RETENTION) and the process's "
                                        "RSS after a tiny warm-up step" if device_type != "cuda" else ""))
     write_results(args, "memory", results)
     return results
