@@ -593,7 +593,7 @@ def cmd_memory(args):
                          fmt(tensors / gib, ".2f"), fmt(results[key]["tensors_ratio"], ".3f")])
     what = "max allocated" if device_type == "cuda" else "max RSS"
     print_table(["model", f"measured ({what}) GiB", "estimate GiB", "est/meas", "measured - baseline GiB",
-                 "estimated tensors GiB", "est/meas"], rows)
+                 "tensors' peak GiB", "tensors/(meas - base)"], rows)
     print("estimate: nanochat.plan.estimate_peak_memory (base_train --dry_run): the tensors' peak in a training step, "
           "counted on fake tensors" + (", plus what glibc's heap keeps (plan.CPU_HEAP_RETENTION) and the process's "
                                        "RSS after a tiny warm-up step" if device_type != "cuda" else ""))
