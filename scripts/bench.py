@@ -716,6 +716,8 @@ def build_parser():
     p = sub.add_parser("decode", parents=[common], help="decoding: prefill and per-token time vs transformers")
     shape_args(p, 4, batch_size=0)
     decode_args(p, [1, 8])
+    # one token at a time is too little work for two threads, and waiting threads slow it down on a busy machine
+    p.set_defaults(threads=1, n=3)
     p.set_defaults(func=cmd_decode)
     p = sub.add_parser("infer", parents=[common], help="decoding figures of a real checkpoint, batch-size sweep")
     p.add_argument("--source", default="base", choices=["base", "mid", "sft", "rl"])
