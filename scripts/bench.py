@@ -674,11 +674,13 @@ def plot_scaling(results, path):
 
 
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--n", type=int, default=5, help="rounds; every figure is the median of n")
-    common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    common.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
-    common.add_argument("--out", default="bench_results", help="directory of the JSON results")
+    def common(n=5, threads=0):
+        p = argparse.ArgumentParser(add_help=False)  # a fresh one each time: subcommands differ in defaults
+        p.add_argument("--n", type=int, default=n, help="rounds; every figure is the median of n")
+        p.add_argument("--threads", type=int, default=threads, help="torch CPU threads (0: torch's default)")
+        p.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
+        p.add_argument("--out", default="bench_results", help="directory of the JSON results")
+        return [p]
 
     def shape_args(p, depth=None, batch_size=8, seq_len=256):
         if depth:
@@ -691,17 +693,17 @@ def build_parser():
 
     parser = argparse.ArgumentParser(description="nanochat benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("params", parents=[common], help="parameter counts by group and FLOPs/token of every type")
+    p = sub.add_parser("params", parents=common(), help="parameter counts by group and FLOPs/token of every type")
     p.add_argument("--depths", type=int, nargs="+", default=[4, 12, 20], help="config_from_depth depths")
     p.add_argument("--max_seq_len", type=int, default=2048, help="context length of the depth configs")
     p.add_argument("--vocab_size", type=int, default=65536, help="vocab size of the depth configs")
     p.set_defaults(func=cmd_params)
-    p = sub.add_parser("data", parents=[common], help="tokenizer training time and dataloader tok/s")
+    p = sub.add_parser("data", parents=common(), help="tokenizer training time and dataloader tok/s")
     p.add_argument("--seconds", type=float, default=2.0, help="time per dataloader measurement")
     p.add_argument("--tokenizer_threads", type=int, default=4, help="threads for batched tokenization")
     p.add_argument("--with_model", action="store_true", help="also time a d4 gpt forward+backward (fp32, CPU)")
     p.set_defaults(func=cmd_data)
-    p = sub.add_parser("train", parents=[common], help="training tok/s, ours vs the transformers twin")
+    p = sub.add_parser("train", parents=common(), help="training tok/s, ours vs the transformers twin")
     shape_args(p, 4)
     p.add_argument("--activation_checkpointing", type=str2bool, nargs="?", const=True, default=False,
                    help="checkpoint every block (ours) and gradient_checkpointing_enable (peer)")
@@ -713,19 +715,18 @@ def build_parser():
         p.add_argument("--batch_sizes", type=int, nargs="+", default=batch_sizes, help="rows decoded together")
         p.add_argument("--skip_no_cache", action="store_true", help="leave out our model without its KV cache")
 
-    p = sub.add_parser("decode", parents=[common], help="decoding: prefill and per-token time vs transformers")
+    # decode: one token at a time is too little work for two threads, and idle threads slow it on a busy machine
+    p = sub.add_parser("decode", parents=common(n=3, threads=1), help="prefill and per-token time vs transformers")
     shape_args(p, 4, batch_size=0)
     decode_args(p, [1, 8])
-    # one token at a time is too little work for two threads, and waiting threads slow it down on a busy machine
-    p.set_defaults(threads=1, n=3)
     p.set_defaults(func=cmd_decode)
-    p = sub.add_parser("infer", parents=[common], help="decoding figures of a real checkpoint, batch-size sweep")
+    p = sub.add_parser("infer", parents=common(), help="decoding figures of a real checkpoint, batch-size sweep")
     p.add_argument("--source", default="base", choices=["base", "mid", "sft", "rl"])
     p.add_argument("--model_tag", default=None, help="checkpoint directory (default: the largest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     decode_args(p, [1, 2, 4, 8, 16])
     p.set_defaults(func=cmd_infer)
-    p = sub.add_parser("memory", parents=[common], help="measured training peak memory vs the --dry_run estimate")
+    p = sub.add_parser("memory", parents=common(), help="measured training peak memory vs the --dry_run estimate")
     shape_args(p, 8, seq_len=512)
     p.add_argument("--steps", type=int, default=3, help="training steps measured")
     p.add_argument("--activation_checkpointing", choices=["off", "on", "both"], default="off")
@@ -733,7 +734,7 @@ def build_parser():
     p = sub.add_parser("memory_child", help=argparse.SUPPRESS)
     p.add_argument("spec")
     p.set_defaults(func=cmd_memory_child)
-    p = sub.add_parser("scaling", parents=[common], help="tok/s and FLOPs/token over depth, plotted")
+    p = sub.add_parser("scaling", parents=common(), help="tok/s and FLOPs/token over depth, plotted")
     shape_args(p)
     p.add_argument("--depths", type=int, nargs="+", default=list(range(2, 13)), help="depths to measure")
     p.set_defaults(func=cmd_scaling)
