@@ -703,7 +703,7 @@ def build_parser():
     p.add_argument("--tokenizer_threads", type=int, default=4, help="threads for batched tokenization")
     p.add_argument("--with_model", action="store_true", help="also time a d4 gpt forward+backward (fp32, CPU)")
     p.set_defaults(func=cmd_data)
-    p = sub.add_parser("train", parents=common(), help="training tok/s, ours vs the transformers twin")
+    p = sub.add_parser("train", parents=common(n=3), help="training tok/s, ours vs the transformers twin")
     shape_args(p, 4)
     p.add_argument("--activation_checkpointing", type=str2bool, nargs="?", const=True, default=False,
                    help="checkpoint every block (ours) and gradient_checkpointing_enable (peer)")
