@@ -1,17 +1,37 @@
 """
 What a pretraining run will be, decided before it starts: the batch split (micro-batches x ranks x accumulation),
 the number of steps, parameters and FLOPs per token, and a memory estimate. base_train prints it with --dry_run;
-scripts.bench uses the same describe().
+scripts.bench uses the same describe() and checks estimate_peak_memory() against measured peaks (bench memory).
+
+The memory estimate runs the real model's training step (forward, backward, clipping, AdamW + Muon) on fake tensors
+under a dispatch mode that counts the bytes of the tensors alive after every op: the peak of what the step holds,
+temporaries included, without a formula to keep in sync with the models. On CPU the process's own memory (Python,
+torch, kernels) is measured and added, since the reported peak there is the process's max RSS.
 """
 
+import contextlib
 import dataclasses
+import io
+import os
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from nanochat.common import UserError, print0
-from nanochat.models import MODEL_TYPES, config_from_depth, config_overrides
+from nanochat.common import UserError, autocast_dtype, print0
+from nanochat.models import MODEL_TYPES, build_model, config_from_depth, config_overrides
 
 CUDA_TOTAL_BATCH = 524288  # tokens per optimizer step on GPU (nanochat's default, ~0.5M)
+CPU_RUNTIME_BYTES = 600 * 2**20  # Python + torch resident on CPU where the OS cannot tell us (measured on Linux)
+# glibc serves tensors below its mmap threshold, which rises to 32 MiB after the first large free, from its heap and
+# keeps their memory when they are freed; small allocations in between fragment it. Measured (scripts.bench memory,
+# gpt and alcoholic, d4-d8, batch 4-8 x 256-512): max RSS = tensors' peak + ~0.5 x the peak of those heap tensors,
+# ~1.3x with activation checkpointing, whose recomputation in backward fragments more. (A fixed MALLOC_MMAP_THRESHOLD_
+# removes the excess but makes CPU training ~1.6x slower.)
+GLIBC_MMAP_MAX = 32 * 2**20
+CPU_HEAP_RETENTION = {False: 0.5, True: 1.3}  # by activation_checkpointing
 
 
 def batch_plan(args, device_type, world_size):
@@ -68,33 +88,112 @@ def describe(model_type, config):
     return dict(shape=shape, **model.num_params_by_group(), flops=model.estimate_flops())
 
 
-def estimate_peak_memory(model, batch_size, seq_len, device_type):
-    """Bytes: weights + grads + optimizer state (fp32) + activations saved for backward, counted by running forward
-    on the meta device with saved-tensor hooks (no memory is allocated). Not counted: weights saved by their own
-    layers (already counted), a tensor saved twice, and (T, T) attention matrices, which flash attention never
-    stores. `model` lives on the meta device."""
-    groups = model.num_params_by_group()
-    n_params, n_muon = groups["total"], groups["matrices"]
-    static = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    seen, saved = set(), 0
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor storage alive after each op and keeps the high-water mark: what a caching
+    allocator that frees at once would hold at its peak; and the high-water mark of the tensors small enough for
+    glibc's heap. Storages are held weakly, so a tensor that autograd or Python drops stops counting once gone."""
 
-    def pack(t):
-        nonlocal saved
-        key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape))
-        attention_matrix = t.ndim >= 2 and t.shape[-1] == t.shape[-2] == seq_len
-        if key[0] not in static and key not in seen and not attention_matrix:
-            seen.add(key)
-            saved += t.numel() * t.element_size()
-        return t
+    def __init__(self, tensors=()):
+        super().__init__()
+        self.live, self.peak, self.heap_peak = {}, 0, 0
+        for t in tensors:
+            self.track(t)
 
-    idx = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(idx, idx)
+    def track(self, t):
+        storage = t.untyped_storage()
+        ref = StorageWeakRef(storage)
+        if ref not in self.live:
+            self.live[ref] = storage.nbytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        self.live = {ref: n for ref, n in self.live.items() if not ref.expired()}
+        self.peak = max(self.peak, sum(self.live.values()))
+        self.heap_peak = max(self.heap_peak, sum(n for n in self.live.values() if n < GLIBC_MMAP_MAX))
+        return out
+
+
+def tensor_peak_bytes(model_type, config, batch_size, seq_len, device_type, activation_checkpointing=False):
+    """LiveBytes of a training step as the trainer runs it (forward, backward, grad clipping,
+    AdamW + Muon step, zero_grad) once the optimizer state exists, counted on fake tensors: every op is dispatched,
+    none computes or allocates. On a machine without the device, its precision is simulated on fake CPU tensors
+    (CUDA: bf16 autocast)."""
+    from nanochat.trainer import optimizer_step
+
+    device = "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
+    amp = autocast_dtype(device_type)
+    with FakeTensorMode(), torch.device(device):
+        model = MODEL_TYPES[model_type].model_cls(config)
+        model.init_weights()
+        model.activation_checkpointing = activation_checkpointing
+        with contextlib.redirect_stdout(io.StringIO()):  # setup_optimizers prints its LR scaling
+            optimizers = model.setup_optimizers()
+        idx = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        with LiveBytes([*model.parameters(), *model.buffers()]) as tracker:
+            for p in model.parameters():  # a step on zero grads creates the optimizer state, as the first step does
+                p.grad = torch.zeros_like(p)
+            optimizer_step(model, optimizers, 1.0, 0.95, grad_clip=1.0)
+            with torch.autocast(device, dtype=amp, enabled=amp != torch.float32):
+                loss = model(idx, idx, loss_reduction="sum")
+            loss.backward()
+            del loss
+            optimizer_step(model, optimizers, 1.0, 0.95, grad_clip=1.0)
+    return tracker
+
+
+def current_rss():
+    """Resident bytes of this process now (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def warm_up_runtime():
+    """One real training step of a tiny model of every type: the first step pages in kernels and sets up thread
+    pools and allocator caches (~0.1 GB on CPU), memory a run holds whatever its size."""
+    from nanochat.trainer import optimizer_step
+
+    for model_type in MODEL_TYPES:
+        model = build_model(model_type, config_from_depth(model_type, 1, 16, 64, head_dim=32))
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimizers = model.setup_optimizers()
+        idx = torch.zeros(2, 16, dtype=torch.long)
+        model(idx, idx).backward()
+        optimizer_step(model, optimizers, 1.0, 0.95, grad_clip=1.0)
+
+
+def runtime_baseline(device_type):
+    """Bytes the process holds besides the run's tensors, as peak_memory() counts them: on CUDA nothing (max
+    allocated counts tensors only); on CPU the resident memory of Python, torch and what this process has loaded,
+    measured here after a warm-up step."""
     if device_type == "cuda":
-        saved //= 2  # bf16 autocast stores most activations in half the bytes
-    # params + grads + Adam (2 moments on non-Muon params) + Muon (1 momentum buffer)
-    states = 4 * (2 * n_params + 2 * (n_params - n_muon) + n_muon)
-    return states + saved
+        return 0
+    warm_up_runtime()
+    return current_rss() or CPU_RUNTIME_BYTES
+
+
+def allocator_held(tensors, device_type, activation_checkpointing=False):
+    """Bytes the allocator holds at the peak of `tensors` (a LiveBytes): on CUDA the tensors' peak (max allocated
+    counts tensors), on CPU also what glibc's heap keeps of freed tensors (CPU_HEAP_RETENTION)."""
+    if device_type == "cuda":
+        return tensors.peak
+    return tensors.peak + int(tensors.heap_peak * CPU_HEAP_RETENTION[bool(activation_checkpointing)])
+
+
+def estimate_peak_memory(model_type, config, batch_size, seq_len, device_type, activation_checkpointing=False,
+                         world_size=1):
+    """Bytes at the peak of a training run, as base_train reports it: the tensors' peak (weights, grads, optimizer
+    state, activations and the temporaries of every op, counted on fake tensors), on CPU plus what glibc's heap keeps
+    and the runtime's own memory; with DDP, its gradient buckets (one more fp32 copy of the weights). Eager mode;
+    torch.compile saves activations differently."""
+    tensors = tensor_peak_bytes(model_type, config, batch_size, seq_len, device_type, activation_checkpointing)
+    buckets = 4 * meta_model(model_type, config).num_params_by_group()["total"] if world_size > 1 else 0
+    return allocator_held(tensors, device_type, activation_checkpointing) + buckets + runtime_baseline(device_type)
 
 
 def print_dry_run(args, vocab_size, device_type, world_size):
@@ -111,11 +210,13 @@ def print_dry_run(args, vocab_size, device_type, world_size):
         model = meta_model(model_type, config)
         groups = model.num_params_by_group()
         flops = model.estimate_flops()
-        mem = estimate_peak_memory(model, args.device_batch_size, args.max_seq_len, device_type)
+        mem = estimate_peak_memory(model_type, config, args.device_batch_size, args.max_seq_len, device_type,
+                                   getattr(args, "activation_checkpointing", False), world_size)
         iters, why = plan_iterations(args, groups["total"], flops, total_batch)
         chosen = " (chosen)" if model_type == args.model_type else ""
         print0(f"\n[{model_type}{chosen}] {config}")
         print0("  params: " + ", ".join(f"{k}={v:,}" for k, v in groups.items()))
         print0(f"  FLOPs/token: {flops:.3e}; iterations: {iters:,} ({why}); "
                f"total training FLOPs: {flops * total_batch * iters:.3e}")
-        print0(f"  estimated peak memory per device: {mem / 2**30:.2f} GiB (eager; torch.compile saves less)")
+        ckpt = ", activation checkpointing" if getattr(args, "activation_checkpointing", False) else ""
+        print0(f"  estimated peak memory per device: {mem / 2**30:.2f} GiB (eager{ckpt}; torch.compile saves less)")

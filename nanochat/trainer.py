@@ -40,9 +40,11 @@ from nanochat.common import (
     auto_or_positive_int,
     autocast_ctx,
     compute_cleanup,
+    forget_cpu_peak,
     fraction,
     get_dist_info,
     get_peak_flops,
+    mfu_percent,
     non_negative_float,
     one_line,
     positive_int,
@@ -92,6 +94,8 @@ def add_train_args(p, inherit=False, **defaults):
     p.add_argument("--resume", type=str2bool, nargs="?", const=True, default=False,
                    help="continue from the latest complete checkpoint of this model_tag")
     p.add_argument("--compile", type=str2bool, default=None, help="torch.compile the model (default: on CUDA only)")
+    p.add_argument("--activation_checkpointing", type=str2bool, nargs="?", const=True, default=False,
+                   help="recompute each block's activations in backward: less memory, ~1/3 more compute")
 
 
 def inherit_args(args, source_meta):
@@ -359,6 +363,7 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
         os.makedirs(ckpt_dir, exist_ok=True)
 
     orig_model = model  # the plain module: saving, evaluation and sampling use it
+    orig_model.activation_checkpointing = getattr(args, "activation_checkpointing", False)
     use_compile = device_type == "cuda" if args.compile is None else args.compile
     if use_compile:
         model = torch.compile(model, dynamic=compile_dynamic)
@@ -368,7 +373,7 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
     peak_flops = get_peak_flops(device_type)
     if peak_flops:
         print0(f"MFU is measured against {peak_flops / 1e12:.3g} TFLOP/s per device"
-               + (" (a measured fp32 matmul on this CPU)" if device_type == "cpu" else ""))
+               + (" (best of timed fp32 matmuls on this CPU, cached)" if device_type == "cpu" else ""))
     wandb_run = init_wandb(args, master)
 
     def log(record):
@@ -400,7 +405,7 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
         state = loader.state_dict()  # where the data stands before these batches: what a checkpoint records
         return state, [next(loader) for _ in range(grad_accum)]
 
-    step, smooth_loss, ema_dt, train_time, t0 = start_step, None, None, 0.0, None
+    step, smooth_loss, ema_dt, train_time, t0, peak_warned = start_step, None, None, 0.0, None, False
     # the first step whose loss or grad norm was NaN/inf, kept on the device (-1: none) so that checking it costs
     # no wait; read at log steps and before every checkpoint, which is then never written after a bad step
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -459,13 +464,20 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
             if loss is not None:
                 smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
             tok_per_sec = processed / dt
-            mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
+            mfu = mfu_percent(flops_per_token, tok_per_sec, peak_flops, world_size)
+            if mfu is None and peak_flops and not peak_warned:  # above 100%: the peak is too low, not the model fast
+                peak_warned = True
+                print0(f"MFU n/a: this step would be above 100% of the {peak_flops / 1e12:.3g} TFLOP/s peak, so the "
+                       f"peak is wrong" + ("; the cached CPU peak is dropped and measured again at the next run"
+                                          if device_type == "cpu" else ""))
+                if device_type == "cpu" and master:
+                    forget_cpu_peak()
             eta = fmt_time((num_iterations - step - 1) * (ema_dt or dt))
             print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:5.1f}%) | "
                    + (f"loss {loss:.6f} | " if loss is not None else "no supervised token: skipped | ")
                    + f"lrm {lrm:.3f} | " + (f"grad norm {grad_norm:.3f} | " if grad_norm is not None else "")
                    + f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | "
-                   + (f"mfu {mfu:.2f}% | " if mfu is not None else "") + f"eta {eta}")
+                   + (f"mfu {mfu:.2f}% | " if mfu is not None else "mfu n/a | ") + f"eta {eta}")
             record = {"step": step, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "supervised_tokens": count}
             if loss is not None:
                 record.update(loss=loss, grad_norm=grad_norm)

@@ -179,6 +179,7 @@ def run(args):
     ckpt_dir = checkpoint_dir("rl", model_tag)
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
     optimizers = setup_optimizers(model, args)
+    model.activation_checkpointing = args.activation_checkpointing
     start_step = 0
     if resume is not None:
         start_step = resume.step

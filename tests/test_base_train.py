@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_model, load_rank_state, read_meta
-from nanochat.common import UserError, normalize_argv
+from nanochat.common import UserError, cpu_peak_key, cpu_peak_path, normalize_argv, read_cpu_peaks
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth
 from nanochat.trainer import lr_multiplier, muon_momentum
 from scripts import base_train
@@ -90,6 +91,20 @@ def test_dry_run_prints_every_type(base_env, capsys):
     assert "[alcoholic (chosen)]" in out and all(f"[{t}]" in out for t in MODEL_TYPES if t != "alcoholic")
     assert out.count("estimated peak memory") == len(MODEL_TYPES) and "matrices=" in out and "FLOPs/token" in out
     assert not os.path.exists(checkpoint_dir("base", "alcoholic_d4"))
+
+
+def test_mfu_above_100_percent_is_na_and_the_peak_measured_again(base_env, capsys):
+    with open(cpu_peak_path(), "w") as f:  # a peak far too low, as one measured under heavy load would be
+        json.dump({cpu_peak_key(): {"flops": 1.0}}, f)
+    base_train.main([*TINY, "--num_iterations=2"])
+    out = capsys.readouterr().out
+    assert "mfu n/a" in out and "so the peak is wrong" in out and not re.search(r"mfu \d", out)
+    assert cpu_peak_key() not in read_cpu_peaks()
+
+
+def test_activation_checkpointing_trains(base_env, capsys):
+    result = base_train.main([*TINY, "--num_iterations=2", "--activation_checkpointing"])
+    assert result["step"] == 2 and "mfu" in capsys.readouterr().out
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(base_env, monkeypatch, capsys):

@@ -288,6 +288,6 @@ class Alcoholic(BaseLM):
         if self.config.embed_norm:
             x = self.model.embed_norm(x)
         for layer in self.model.layers:
-            x = layer(x, cos_sin, kv_cache)
+            x = self.run_block(layer, x, cos_sin, kv_cache)
         x = self.model.norm(x)
         return self.logits_or_loss(x, targets, loss_reduction)

@@ -202,6 +202,6 @@ class GPT(BaseLM):
         cos_sin = self.rotary(t0, T)
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
+            x = self.run_block(block, x, cos_sin, kv_cache)
         x = norm(x)
         return self.logits_or_loss(x, targets, loss_reduction)
