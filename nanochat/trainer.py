@@ -50,22 +50,26 @@ from nanochat.common import (
     str2bool,
     synchronize,
 )
+from nanochat.optim import MUON_VARIANTS
 from nanochat.report import append_metrics, truncate_metrics
 
 # -----------------------------------------------------------------------------
 # Flags every stage shares
 
-INHERITED = ("device_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip")
+INHERITED = ("device_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "muon_variant",
+             "grad_clip")
+# what a source checkpoint trained before a flag existed was trained with, whatever the flag's default is now
+BEFORE_FLAG = {"muon_variant": "classic"}
 
 
 def add_train_args(p, inherit=False, **defaults):
     """The flags of the training loop. With inherit=True (fine-tuning stages) the flags in INHERITED default to
     None, i.e. to the value the source checkpoint was trained with (see inherit_args)."""
 
-    def arg(name, type, default, help):
+    def arg(name, type, default, help, **kwargs):
         if inherit and name in INHERITED:
             default, help = None, help + " (default: the source checkpoint's)"
-        p.add_argument(f"--{name}", type=type, default=defaults.get(name, default), help=help)
+        p.add_argument(f"--{name}", type=type, default=defaults.get(name, default), help=help, **kwargs)
 
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     p.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
@@ -77,6 +81,8 @@ def add_train_args(p, inherit=False, **defaults):
         "AdamW learning rate of the lm_head (and of learnable norm weights)")
     arg("matrix_lr", non_negative_float, 0.02, "Muon learning rate of the matrices inside the blocks")
     arg("weight_decay", non_negative_float, 0.0, "AdamW weight decay")
+    arg("muon_variant", str, "classic", "Muon for the matrices: classic (fixed Newton-Schulz coefficients) or "
+        "nanochat (Polar Express, NorMuon, cautious weight decay); see nanochat/optim.py", choices=list(MUON_VARIANTS))
     arg("grad_clip", non_negative_float, 1.0, "max gradient norm (0 = off)")
     arg("init_lr_frac", non_negative_float, 1.0, "every learning rate is multiplied by this at the start")
     arg("warmup_ratio", fraction, 0.0, "fraction of the steps with a linear warmup")
@@ -94,6 +100,8 @@ def add_train_args(p, inherit=False, **defaults):
 def inherit_args(args, source_meta):
     """Flags left at None take the value the source checkpoint was trained with."""
     source_args = source_meta.get("train_args", {})
+    if source_args:
+        source_args = {**BEFORE_FLAG, **source_args}
     for name in INHERITED:
         if getattr(args, name, None) is None and source_args.get(name) is not None:
             setattr(args, name, source_args[name])
@@ -136,7 +144,8 @@ def muon_momentum(it):
 def setup_optimizers(model, args):
     """The model's optimizers with the run's learning rates, all scaled by --init_lr_frac."""
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                        muon_variant=args.muon_variant)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
