@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -167,6 +168,29 @@ def test_sigkill_then_resume_is_bitwise_identical(base_env, model_type):
     losses, _ = read_metrics(d)
     assert sorted(losses) == list(range(steps))
     assert losses == ref_losses  # bitwise: floats compared exactly
+    a, _, _ = load_model("base", model_tag="ref")
+    b, _, _ = load_model("base", model_tag="victim")
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), k
+
+
+@pytest.mark.slow
+def test_resume_with_nanochat_muon_is_bitwise_identical(base_env):
+    """The nanochat variant's extra optimizer state (NorMuon second moments) goes through the checkpoint: a run
+    resumed from its step-3 checkpoint ends exactly where the uninterrupted run ends."""
+    args = ["--model_type=gpt", *TINY, "--num_iterations=6", "--save_every=3", "--muon_variant=nanochat"]
+    base_train.main([*args, "--model_tag=ref"])
+    ref = checkpoint_dir("base", "ref")
+    assert read_meta(ref, 6)["train_args"]["muon_variant"] == "nanochat"
+    muon_state = load_rank_state(ref, 3)["optimizers"][1]["state"]
+    assert all("second_moment" in s for s in muon_state.values())
+    victim = checkpoint_dir("base", "victim")
+    shutil.copytree(ref, victim)
+    for name in os.listdir(victim):
+        if "000006" in name or name == "metrics.jsonl":
+            os.remove(os.path.join(victim, name))
+    base_train.main([*args, "--model_tag=victim", "--resume"])
+    assert read_metrics(victim)[0] == {s: v for s, v in read_metrics(ref)[0].items() if s >= 3}
     a, _, _ = load_model("base", model_tag="ref")
     b, _, _ = load_model("base", model_tag="victim")
     for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
