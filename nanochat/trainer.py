@@ -141,6 +141,11 @@ def muon_momentum(it):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
+def weight_decay_multiplier(it, num_iterations):
+    """Muon's weight decay ramps linearly from full to 0 over the run (nanochat: better than a constant)."""
+    return 1 - it / num_iterations
+
+
 def setup_optimizers(model, args):
     """The model's optimizers with the run's learning rates, all scaled by --init_lr_frac."""
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -152,14 +157,17 @@ def setup_optimizers(model, args):
     return optimizers
 
 
-def optimizer_step(model, optimizers, lrm, momentum, grad_clip):
-    """Clip, set the learning rates, step, zero the grads. Returns the gradient norm before clipping (a tensor)."""
+def optimizer_step(model, optimizers, lrm, momentum, grad_clip, wdm=1.0):
+    """Clip, set the learning rates (and Muon's momentum and weight decay), step, zero the grads. Returns the
+    gradient norm before clipping (a tensor)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if "momentum" in group:
                 group["momentum"] = momentum
+            if "initial_weight_decay" in group:
+                group["weight_decay"] = group["initial_weight_decay"] * wdm
         opt.step()
     model.zero_grad(set_to_none=True)
     return grad_norm
@@ -421,7 +429,8 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
             lrm = lr_multiplier(step, num_iterations, args)
             grad_norm = None
             if loss is not None:
-                grad_norm = optimizer_step(orig_model, optimizers, lrm, muon_momentum(step), args.grad_clip)
+                grad_norm = optimizer_step(orig_model, optimizers, lrm, muon_momentum(step), args.grad_clip,
+                                           weight_decay_multiplier(step, num_iterations))
             processed = tokens_per_step or sum(batch[0].numel() for batch in batches) * world_size
             loader_state, batches = fetch()  # the next batches are prepared while the device finishes this step
             if loss is not None:

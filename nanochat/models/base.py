@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import print0
-from nanochat.optim import DistMuon, Muon, make_adamw
+from nanochat.optim import MUON_VARIANTS, DistMuon, Muon, make_adamw
 
 # -----------------------------------------------------------------------------
 # Norms
@@ -334,8 +334,11 @@ class BaseLM(nn.Module):
         adamw = make_adamw([g for g in adam_groups if g["params"]], weight_decay=weight_decay)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         muon_cls = DistMuon if distributed else Muon
+        # nanochat's sweeps (d8-d20) found the best Muon weight decay ~ 1/width^2, given at width 768
+        muon_wd = MUON_VARIANTS[muon_variant]["weight_decay"] * (768 / self.config.n_embd) ** 2
         muon = muon_cls([dict(name="matrices", params=groups["matrices"])], lr=matrix_lr, momentum=0.95,
-                        variant=muon_variant)
+                        variant=muon_variant, weight_decay=muon_wd)
+        muon.param_groups[0]["initial_weight_decay"] = muon_wd  # the trainer ramps it down to 0 over the run
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
