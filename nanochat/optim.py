@@ -7,7 +7,7 @@ direction of the update moves at a similar rate.
 
 Two variants (`--muon_variant`):
 - classic: Keller Jordan's fixed quintic Newton-Schulz coefficients, no weight decay on the matrices.
-- nanochat: what nanochat's Muon does since late 2025:
+- nanochat: what nanochat's Muon does since January 2026:
   Polar Express coefficients (https://arxiv.org/abs/2505.16932), a quintic per iteration chosen to get the
   singular values to 1 as fast as possible;
   NorMuon (https://arxiv.org/abs/2510.05491), an Adam-like second moment per row (or column) of the orthogonalised
