@@ -81,8 +81,9 @@ def add_train_args(p, inherit=False, **defaults):
         "AdamW learning rate of the lm_head (and of learnable norm weights)")
     arg("matrix_lr", non_negative_float, 0.02, "Muon learning rate of the matrices inside the blocks")
     arg("weight_decay", non_negative_float, 0.0, "AdamW weight decay")
-    arg("muon_variant", str, "classic", "Muon for the matrices: classic (fixed Newton-Schulz coefficients) or "
-        "nanochat (Polar Express, NorMuon, cautious weight decay); see nanochat/optim.py", choices=list(MUON_VARIANTS))
+    arg("muon_variant", str, "nanochat", "Muon for the matrices: nanochat (Polar Express, NorMuon, cautious weight "
+        "decay) or classic (fixed Newton-Schulz coefficients); see nanochat/optim.py and docs/benchmarks.md",
+        choices=list(MUON_VARIANTS))
     arg("grad_clip", non_negative_float, 1.0, "max gradient norm (0 = off)")
     arg("init_lr_frac", non_negative_float, 1.0, "every learning rate is multiplied by this at the start")
     arg("warmup_ratio", fraction, 0.0, "fraction of the steps with a linear warmup")

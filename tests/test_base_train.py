@@ -10,7 +10,7 @@ import torch
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_model, load_rank_state, read_meta
 from nanochat.common import UserError, normalize_argv
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth
-from nanochat.trainer import lr_multiplier, muon_momentum
+from nanochat.trainer import lr_multiplier, muon_momentum, optimizer_step, weight_decay_multiplier
 from scripts import base_train
 from tests.conftest import first_type_fast, sigkill_when
 
@@ -233,14 +233,8 @@ def test_ddp_two_ranks_equals_single_process(base_env, model_type):
     for step in range(steps):
         for x, y in first if step == 0 else [next(loader) for loader in loaders]:
             (model(x, y) / 2).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_multiplier(step, steps, args)
-                if "momentum" in group:
-                    group["momentum"] = muon_momentum(step)
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizers, lr_multiplier(step, steps, args), muon_momentum(step), args.grad_clip,
+                       weight_decay_multiplier(step, steps))
     ddp_model, _, _ = load_model("base", model_tag=f"{model_type}_d1")
     for (k, p), q in zip(model.state_dict().items(), ddp_model.state_dict().values()):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=k)

@@ -195,7 +195,7 @@ def test_rl_rewards_and_advantages_by_hand(tokenizer):
 @pytest.mark.parametrize("model_type", list(MODEL_TYPES))
 def test_model_type_survives_base_mid_sft_rl(base_env, model_type):
     tag = f"{model_type}_d1"
-    base_train.main([f"--model_type={model_type}", *TINY, "--num_iterations=2", "--muon_variant=nanochat"])
+    base_train.main([f"--model_type={model_type}", *TINY, "--num_iterations=2", "--muon_variant=classic"])
     mid_train.main([f"--model_tag={tag}", "--num_iterations=2", *FAST])
     chat_sft.main([f"--model_tag={tag}", "--num_iterations=2", *FAST, "--save_every=1"])
     chat_rl.main([f"--model_tag={tag}", "--num_iterations=1", "--examples_per_step=1", "--num_samples=2",
@@ -205,7 +205,7 @@ def test_model_type_survives_base_mid_sft_rl(base_env, model_type):
         d = checkpoint_dir(stage, tag)
         meta = read_meta(d, find_last_step(d))
         assert meta["model_type"] == model_type
-        assert meta["train_args"]["muon_variant"] == "nanochat"  # inherited from base like the learning rates
+        assert meta["train_args"]["muon_variant"] == "classic"  # not the default: inherited from base
         assert [(e["source"], e["step"]) for e in meta["lineage"]] == lineage
         lineage.append((stage, meta["step"]))
         model, _, _ = load_model(stage, model_tag=tag)
