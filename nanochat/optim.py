@@ -5,6 +5,16 @@ Muon (MomentUm Orthogonalized by Newton-Schulz, https://kellerjordan.github.io/p
 Nesterov momentum and replaces each update by (approximately) its nearest semi-orthogonal matrix, so every
 direction of the update moves at a similar rate.
 
+Two variants (`--muon_variant`):
+- classic: Keller Jordan's fixed quintic Newton-Schulz coefficients, no weight decay on the matrices.
+- nanochat: what nanochat's Muon does since January 2026:
+  Polar Express coefficients (https://arxiv.org/abs/2505.16932), a quintic per iteration chosen to get the
+  singular values to 1 as fast as possible;
+  NorMuon (https://arxiv.org/abs/2510.05491), an Adam-like second moment per row (or column) of the orthogonalised
+  update that evens out the step size across neurons, rescaled so the update keeps its norm;
+  cautious weight decay (https://arxiv.org/abs/2510.12402), which decays only the entries where the update and the
+  parameter have the same sign, i.e. where decay and update pull the same way.
+
 DistMuon is the same optimizer for torch.distributed: the training loop has already averaged the gradients
 (every rank holds identical grads), so each rank orthogonalises only its share of the matrices and the new
 values are all-gathered. The result equals single-process Muon.
@@ -15,28 +25,34 @@ import math
 import torch
 import torch.distributed as dist
 
+# Keller Jordan's coefficients: the steepest slope at zero that still keeps every singular value in ~[0.7, 1.2]
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express, one (a, b, c) per iteration (computed in the paper for 5 iterations, safety factor 2e-2 and
+# cushion 2, as nanochat): the early steps lift tiny singular values fast, the late ones converge them onto 1
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
-def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
-    """
-    Approximate U V^T for G = U S V^T with a quintic Newton-Schulz iteration; works on (..., m, n) batches.
-    The coefficients maximise the slope at zero instead of converging exactly, so the singular values end up
-    spread around 1 (roughly 0.7-1.2) rather than equal to 1, which does not hurt training and needs fewer steps.
-    Computes in bf16 on CUDA (fast tensor cores) and fp32 elsewhere (bf16 matmuls are far slower on CPU);
-    `dtype` overrides. Returns the result in the compute dtype.
-    """
-    assert G.ndim >= 2, f"zeropower_via_newtonschulz5 needs a (..., m, n) tensor, got shape {tuple(G.shape)}"
+
+def _quintic_iteration(G, coeffs, dtype, norm_scale):
+    """X <- a X + (b A + c A^2) X with A = X X^T, one (a, b, c) per step, on (..., m, n) batches."""
+    assert G.ndim >= 2, f"orthogonalisation needs a (..., m, n) tensor, got shape {tuple(G.shape)}"
     if dtype is None:
+        # bf16 on CUDA (fast tensor cores), fp32 elsewhere (bf16 matmuls are far slower on CPU)
         dtype = torch.bfloat16 if G.device.type == "cuda" else torch.float32
-    a, b, c = (3.4445, -4.7750, 2.0315)
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # iterate on the wide orientation so X @ X^T is the smaller Gram matrix
     # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1] where the iteration converges
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_scale + 1e-7)
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])  # one batch dim, for baddbmm
-    for _ in range(steps):
+    for a, b, c in coeffs:
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A, the scaling and sum inside the GEMM
         X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
@@ -46,14 +62,64 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
     return X
 
 
+def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
+    """
+    Approximate U V^T for G = U S V^T with a quintic Newton-Schulz iteration; works on (..., m, n) batches.
+    The coefficients maximise the slope at zero instead of converging exactly, so the singular values end up
+    spread around 1 (roughly 0.7-1.2) rather than equal to 1, which does not hurt training and needs fewer steps.
+    Computes in bf16 on CUDA and fp32 elsewhere; `dtype` overrides. Returns the result in the compute dtype.
+    """
+    return _quintic_iteration(G, [NEWTON_SCHULZ_COEFFS] * steps, dtype, norm_scale=1.0)
+
+
+def zeropower_via_polar_express(G, steps=5, dtype=None):
+    """
+    Approximate U V^T like zeropower_via_newtonschulz5, with the Polar Express schedule of coefficients: after 5
+    steps the singular values lie within ~15% of 1 even for ill-conditioned inputs, where the fixed coefficients
+    leave 0.7-1.2 or worse. Steps beyond the schedule repeat its last, most conservative, polynomial.
+    """
+    coeffs = [POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] for i in range(steps)]
+    # the coefficients assume the spectral norm is at most 1 with a 1% margin (the paper's safety factor)
+    return _quintic_iteration(G, coeffs, dtype, norm_scale=1.01)
+
+
+def normuon_scale(update, second_moment, beta2):
+    """
+    NorMuon: divide each row of the orthogonalised `update` (..., m, n) (each column, if it is wide) by the root of
+    its running mean square, then rescale to the Frobenius norm the update had. `second_moment`, the (..., m, 1) or
+    (..., 1, n) running mean, is updated in place. Muon's output gives some neurons larger steps than others; this
+    evens them out the way Adam does per weight, for one number per neuron.
+    """
+    dim = -1 if update.size(-2) >= update.size(-1) else -2  # one value per row, or per column of a wide matrix
+    second_moment.lerp_(update.square().mean(dim=dim, keepdim=True), 1 - beta2)
+    scaled = update * second_moment.clamp_min(1e-10).rsqrt()
+    # keeping the norm keeps Muon's step size (and the lr), and cancels the buffer's bias towards its initial 0
+    return scaled * (update.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+
+
+# what each --muon_variant turns on; weight_decay is per unit of learning rate (decoupled, as AdamW)
+MUON_VARIANTS = {
+    "classic": dict(polar_express=False, normuon_beta2=None, weight_decay=0.0, cautious=False),
+    # beta2 0.95 and weight decay 0.2 (at width 768; models/base.py scales it) as nanochat when it adopted them
+    "nanochat": dict(polar_express=True, normuon_beta2=0.95, weight_decay=0.2, cautious=True),
+}
+
+
 class Muon(torch.optim.Optimizer):
     """
     Muon for 2-D parameters only (embeddings, the lm_head and 1-D params belong to AdamW).
-    Matrices of the same shape are orthogonalised together in one batched Newton-Schulz call.
+    Matrices of the same shape are orthogonalised together in one batched call.
+    variant: a key of MUON_VARIANTS. weight_decay: None = the variant's; it is applied as lr * weight_decay * p
+    (cautiously, only where update and parameter agree in sign, in the nanochat variant).
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, variant="classic", weight_decay=None):
+        if variant not in MUON_VARIANTS:
+            raise ValueError(f"unknown Muon variant {variant!r}; choose one of {', '.join(MUON_VARIANTS)}")
+        if weight_decay is None:
+            weight_decay = MUON_VARIANTS[variant]["weight_decay"]
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, variant=variant,
+                        weight_decay=weight_decay)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -66,9 +132,9 @@ class Muon(torch.optim.Optimizer):
                                  f"give embeddings, biases and norm weights to AdamW instead (make_adamw)")
         super().add_param_group({**param_group, "params": params})
 
-    def _update_(self, params, group):
-        """Apply one Muon step in place to same-shape params (all with grads), orthogonalising them as a batch.
-        The momentum and the update use foreach ops: one dispatch for all the params of a shape, not one each."""
+    def _momentum_directions(self, params, group):
+        """Update the params' momentum buffers with their grads and return the (Nesterov) directions to
+        orthogonalise. foreach ops: one dispatch for all the params of a shape, not one each."""
         grads = [p.grad for p in params]
         for p in params:
             if "momentum_buffer" not in self.state[p]:
@@ -76,12 +142,40 @@ class Muon(torch.optim.Optimizer):
         bufs = [self.state[p]["momentum_buffer"] for p in params]
         momentum = group["momentum"]
         torch._foreach_lerp_(bufs, grads, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * g
-        directions = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs  # Nesterov
-        update = zeropower_via_newtonschulz5(torch.stack(directions), steps=group["ns_steps"])
+        return torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+
+    def _normuon(self, params, update, beta2):
+        """NorMuon on a batch of same-shape updates, with each param's own second-moment buffer."""
+        rows, cols = params[0].shape
+        shape = (rows, 1) if rows >= cols else (1, cols)
+        for p in params:
+            if "second_moment" not in self.state[p]:
+                self.state[p]["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        second_moment = torch.stack([self.state[p]["second_moment"] for p in params])
+        update = normuon_scale(update.float(), second_moment, beta2)
+        for p, s in zip(params, second_moment):
+            self.state[p]["second_moment"].copy_(s)
+        return update
+
+    def _update_(self, params, group):
+        """Apply one Muon step in place to same-shape params (all with grads), orthogonalising them as a batch."""
+        variant = MUON_VARIANTS[group["variant"]]
+        g = torch.stack(self._momentum_directions(params, group))
+        orthogonalise = zeropower_via_polar_express if variant["polar_express"] else zeropower_via_newtonschulz5
+        update = orthogonalise(g, steps=group["ns_steps"])
+        if variant["normuon_beta2"] is not None:
+            update = self._normuon(params, update, variant["normuon_beta2"])
         rows, cols = params[0].shape
         # an orthogonal update of a tall matrix has a smaller RMS per entry; scale it back up (as nanochat)
         lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
-        torch._foreach_add_(params, list(update.to(params[0].dtype).unbind(0)), alpha=-lr)
+        wd = group["weight_decay"]
+        update = list(update.to(params[0].dtype).unbind(0))
+        if wd:
+            for p, u in zip(params, update):
+                # cautious: no decay where the update pushes the weight away from 0, which decay would fight
+                decay = p * (p * u >= 0) if variant["cautious"] else p
+                p.sub_(decay, alpha=lr * wd)
+        torch._foreach_add_(params, update, alpha=-lr)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -110,17 +204,18 @@ class DistMuon(Muon):
     """
     Muon across the ranks of a torch.distributed group (gloo or NCCL). Gradients must already be averaged
     (DDP does it in backward). Within each group of equal-shape matrices, the params are cut into world_size
-    contiguous blocks; each rank owns one block, keeps momentum only for it, orthogonalises it, and an
-    all_gather gives every rank every new value. Block ownership rotates from one shape group to the next so
-    that small groups do not all land on rank 0. state_dict() therefore holds only this rank's momentum:
+    contiguous blocks; each rank owns one block, keeps momentum (and NorMuon) state only for it, orthogonalises
+    it, and an all_gather gives every rank every new value. Block ownership rotates from one shape group to the
+    next so that small groups do not all land on rank 0. state_dict() therefore holds only this rank's state:
     save and load it per rank, with the same world size.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, variant="classic", weight_decay=None):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistMuon needs an initialized torch.distributed process group "
                                "(launch with torchrun, which compute_init() joins); use Muon for a single process")
-        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, variant=variant,
+                         weight_decay=weight_decay)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def _apply_updates(self):

@@ -52,22 +52,26 @@ from nanochat.common import (
     str2bool,
     synchronize,
 )
+from nanochat.optim import MUON_VARIANTS
 from nanochat.report import append_metrics, truncate_metrics
 
 # -----------------------------------------------------------------------------
 # Flags every stage shares
 
-INHERITED = ("device_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip")
+INHERITED = ("device_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "muon_variant",
+             "grad_clip")
+# what a source checkpoint trained before a flag existed was trained with, whatever the flag's default is now
+BEFORE_FLAG = {"muon_variant": "classic"}
 
 
 def add_train_args(p, inherit=False, **defaults):
     """The flags of the training loop. With inherit=True (fine-tuning stages) the flags in INHERITED default to
     None, i.e. to the value the source checkpoint was trained with (see inherit_args)."""
 
-    def arg(name, type, default, help):
+    def arg(name, type, default, help, **kwargs):
         if inherit and name in INHERITED:
             default, help = None, help + " (default: the source checkpoint's)"
-        p.add_argument(f"--{name}", type=type, default=defaults.get(name, default), help=help)
+        p.add_argument(f"--{name}", type=type, default=defaults.get(name, default), help=help, **kwargs)
 
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     p.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
@@ -79,6 +83,9 @@ def add_train_args(p, inherit=False, **defaults):
         "AdamW learning rate of the lm_head (and of learnable norm weights)")
     arg("matrix_lr", non_negative_float, 0.02, "Muon learning rate of the matrices inside the blocks")
     arg("weight_decay", non_negative_float, 0.0, "AdamW weight decay")
+    arg("muon_variant", str, "nanochat", "Muon for the matrices: nanochat (Polar Express, NorMuon, cautious weight "
+        "decay) or classic (fixed Newton-Schulz coefficients); see nanochat/optim.py and docs/benchmarks.md",
+        choices=list(MUON_VARIANTS))
     arg("grad_clip", non_negative_float, 1.0, "max gradient norm (0 = off)")
     arg("init_lr_frac", non_negative_float, 1.0, "every learning rate is multiplied by this at the start")
     arg("warmup_ratio", fraction, 0.0, "fraction of the steps with a linear warmup")
@@ -101,6 +108,8 @@ def add_train_args(p, inherit=False, **defaults):
 def inherit_args(args, source_meta):
     """Flags left at None take the value the source checkpoint was trained with."""
     source_args = source_meta.get("train_args", {})
+    if source_args:
+        source_args = {**BEFORE_FLAG, **source_args}
     for name in INHERITED:
         if getattr(args, name, None) is None and source_args.get(name) is not None:
             setattr(args, name, source_args[name])
@@ -140,18 +149,25 @@ def muon_momentum(it):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
+def weight_decay_multiplier(it, num_iterations):
+    """Muon's weight decay ramps linearly from full to 0 over the run (nanochat: better than a constant)."""
+    return 1 - it / num_iterations
+
+
 def setup_optimizers(model, args):
     """The model's optimizers with the run's learning rates, all scaled by --init_lr_frac."""
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                        muon_variant=args.muon_variant)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
     return optimizers
 
 
-def optimizer_step(model, optimizers, lrm, momentum, grad_clip):
-    """Clip, set the learning rates, step, zero the grads. Returns the gradient norm before clipping (a tensor)."""
+def optimizer_step(model, optimizers, lrm, momentum, grad_clip, wdm=1.0):
+    """Clip, set the learning rates (and Muon's momentum and weight decay), step, zero the grads. Returns the
+    gradient norm before clipping (a tensor)."""
     # foreach: one norm over all grads instead of a Python loop per parameter (not the default on CPU; MPS has none)
     foreach = True if model.get_device().type in ("cpu", "cuda") else None
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf,
@@ -161,6 +177,8 @@ def optimizer_step(model, optimizers, lrm, momentum, grad_clip):
             group["lr"] = group["initial_lr"] * lrm
             if "momentum" in group:
                 group["momentum"] = momentum
+            if "initial_weight_decay" in group:
+                group["weight_decay"] = group["initial_weight_decay"] * wdm
         opt.step()
     model.zero_grad(set_to_none=True)
     return grad_norm
@@ -443,7 +461,8 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
             lrm = lr_multiplier(step, num_iterations, args)
             grad_norm = None
             if loss is not None:
-                grad_norm = optimizer_step(orig_model, optimizers, lrm, muon_momentum(step), args.grad_clip)
+                grad_norm = optimizer_step(orig_model, optimizers, lrm, muon_momentum(step), args.grad_clip,
+                                           weight_decay_multiplier(step, num_iterations))
                 values = torch.stack([loss, grad_norm.to(loss.device)])
                 first_bad = torch.where((first_bad < 0) & ~values.isfinite().all(), step, first_bad)
             loader_state, batches = fetch()  # the next batches are prepared while the device finishes this step

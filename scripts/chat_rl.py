@@ -56,6 +56,7 @@ from nanochat.trainer import (
     resume_from,
     run_stage,
     setup_optimizers,
+    weight_decay_multiplier,
 )
 from tasks import mixtures
 
@@ -245,7 +246,8 @@ def run(args):
             loss, count = forward_backward(train_model, batches, ddp, world_size, device.type, loss_fn=pg_loss)
             lrm = lr_multiplier(step, num_iterations, args)
             if loss is not None:
-                grad_norm = optimizer_step(model, optimizers, lrm, 0.95, args.grad_clip).item()
+                wdm = weight_decay_multiplier(step, num_iterations)
+                grad_norm = optimizer_step(model, optimizers, lrm, 0.95, args.grad_clip, wdm).item()
                 if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
                     raise NonFiniteLoss(step, ckpt_dir)
             stats = torch.tensor([sum(rewards), len(rewards), sum(len(r) for r in rows)], dtype=torch.float64)

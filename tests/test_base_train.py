@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_model, load_rank_state, read_meta
 from nanochat.common import UserError, cpu_peak_key, cpu_peak_path, normalize_argv, read_cpu_peaks
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth
-from nanochat.trainer import lr_multiplier, muon_momentum
+from nanochat.trainer import lr_multiplier, muon_momentum, optimizer_step, weight_decay_multiplier
 from scripts import base_train
 from tests.conftest import first_type_fast, sigkill_when
 
@@ -188,6 +189,29 @@ def test_sigkill_then_resume_is_bitwise_identical(base_env, model_type):
         assert torch.equal(p, q), k
 
 
+@pytest.mark.slow
+def test_resume_with_nanochat_muon_is_bitwise_identical(base_env):
+    """The nanochat variant's extra optimizer state (NorMuon second moments) goes through the checkpoint: a run
+    resumed from its step-3 checkpoint ends exactly where the uninterrupted run ends."""
+    args = ["--model_type=gpt", *TINY, "--num_iterations=6", "--save_every=3", "--muon_variant=nanochat"]
+    base_train.main([*args, "--model_tag=ref"])
+    ref = checkpoint_dir("base", "ref")
+    assert read_meta(ref, 6)["train_args"]["muon_variant"] == "nanochat"
+    muon_state = load_rank_state(ref, 3)["optimizers"][1]["state"]
+    assert all("second_moment" in s for s in muon_state.values())
+    victim = checkpoint_dir("base", "victim")
+    shutil.copytree(ref, victim)
+    for name in os.listdir(victim):
+        if "000006" in name or name == "metrics.jsonl":
+            os.remove(os.path.join(victim, name))
+    base_train.main([*args, "--model_tag=victim", "--resume"])
+    assert read_metrics(victim)[0] == {s: v for s, v in read_metrics(ref)[0].items() if s >= 3}
+    a, _, _ = load_model("base", model_tag="ref")
+    b, _, _ = load_model("base", model_tag="victim")
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), k
+
+
 def test_resume_with_other_type_is_refused(base_env):
     base_train.main(["--model_type=alcoholic", *TINY, "--num_iterations=2", "--model_tag=x"])
     with pytest.raises(Exception, match="holds a 'alcoholic' model, but --model_type=gpt"):
@@ -224,14 +248,8 @@ def test_ddp_two_ranks_equals_single_process(base_env, model_type):
     for step in range(steps):
         for x, y in first if step == 0 else [next(loader) for loader in loaders]:
             (model(x, y) / 2).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_multiplier(step, steps, args)
-                if "momentum" in group:
-                    group["momentum"] = muon_momentum(step)
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizers, lr_multiplier(step, steps, args), muon_momentum(step), args.grad_clip,
+                       weight_decay_multiplier(step, steps))
     ddp_model, _, _ = load_model("base", model_tag=f"{model_type}_d1")
     for (k, p), q in zip(model.state_dict().items(), ddp_model.state_dict().values()):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=k)

@@ -1,6 +1,7 @@
 """Chat stages: the conversation loaders, the SFT loss mask, RL rewards and advantages, base -> mid -> sft -> rl with
 the model type carried along, and exact resume of chat_sft after a SIGKILL."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_last_step,
 from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
 from nanochat.models import MODEL_TYPES
 from nanochat.tokenizer import get_tokenizer
-from nanochat.trainer import forward_backward
+from nanochat.trainer import add_train_args, forward_backward, inherit_args
 from scripts import base_train, chat_rl, chat_sft, mid_train
 from tasks.common import Task
 from tests.conftest import sigkill_when, tiny_model
@@ -195,7 +196,7 @@ def test_rl_rewards_and_advantages_by_hand(tokenizer):
 @pytest.mark.parametrize("model_type", list(MODEL_TYPES))
 def test_model_type_survives_base_mid_sft_rl(base_env, model_type):
     tag = f"{model_type}_d1"
-    base_train.main([f"--model_type={model_type}", *TINY, "--num_iterations=2"])
+    base_train.main([f"--model_type={model_type}", *TINY, "--num_iterations=2", "--muon_variant=classic"])
     mid_train.main([f"--model_tag={tag}", "--num_iterations=2", *FAST])
     chat_sft.main([f"--model_tag={tag}", "--num_iterations=2", *FAST, "--save_every=1"])
     chat_rl.main([f"--model_tag={tag}", "--num_iterations=1", "--examples_per_step=1", "--num_samples=2",
@@ -205,6 +206,7 @@ def test_model_type_survives_base_mid_sft_rl(base_env, model_type):
         d = checkpoint_dir(stage, tag)
         meta = read_meta(d, find_last_step(d))
         assert meta["model_type"] == model_type
+        assert meta["train_args"]["muon_variant"] == "classic"  # not the default: inherited from base
         assert [(e["source"], e["step"]) for e in meta["lineage"]] == lineage
         lineage.append((stage, meta["step"]))
         model, _, _ = load_model(stage, model_tag=tag)
@@ -216,6 +218,22 @@ def test_model_type_survives_base_mid_sft_rl(base_env, model_type):
         load_model("sft", model_tag=tag, model_type=other)
     with pytest.raises(CheckpointError, match=f"holds a '{model_type}' model, but --model_type={other}"):
         chat_sft.main([f"--model_tag={tag}", f"--model_type={other}", "--num_iterations=1", *FAST])
+
+
+def test_muon_variant_comes_from_the_source_unless_given():
+    parser = argparse.ArgumentParser()
+    add_train_args(parser, inherit=True)
+    for argv, source_args, expected in [
+        ([], {"muon_variant": "nanochat"}, "nanochat"),
+        (["--muon_variant=classic"], {"muon_variant": "nanochat"}, "classic"),
+        ([], {"matrix_lr": 0.02}, "classic"),  # trained before the flag existed: classic Muon was all there was
+    ]:
+        args = parser.parse_args(argv)
+        inherit_args(args, {"train_args": source_args})
+        assert args.muon_variant == expected, (argv, source_args)
+    args = parser.parse_args([])
+    inherit_args(args, {})  # no train_args at all (an import): base_train's default
+    assert args.muon_variant == base_train.build_parser().get_default("muon_variant")
 
 
 def test_wrong_model_type_is_one_line_from_the_command_line(base_env):

@@ -175,13 +175,14 @@ def assert_identical(a, b, path="state"):
         assert a == b, path
 
 
+@pytest.mark.parametrize("muon_variant", ["classic", "nanochat"])
 @pytest.mark.parametrize("model_type", TYPES)
-def test_rank_state_round_trip_is_exact(model_type):
+def test_rank_state_round_trip_is_exact(model_type, muon_variant):
     from nanochat.checkpoint import decode_rank_state, encode_rank_state
 
     model = make_model(model_type, depth=1)
-    optimizers = model.setup_optimizers()
-    for _ in range(2):  # AdamW moments and step counts, Muon momentum buffers
+    optimizers = model.setup_optimizers(muon_variant=muon_variant)
+    for _ in range(2):  # AdamW moments and step counts, Muon momentum (and NorMuon second-moment) buffers
         idx = torch.randint(0, 512, (2, 16))
         model(idx, idx).backward()
         for opt in optimizers:
@@ -190,6 +191,8 @@ def test_rank_state_round_trip_is_exact(model_type):
              "dataloader": {"epoch": 1, "prev_pos": None, "cur_pos": [0, 3], "buffer": [5, 6, 7]},
              "rng": {"torch": torch.get_rng_state(), "cuda": [torch.get_rng_state()]}}
     assert any(isinstance(k, int) for k in state["optimizers"][0]["state"])  # int keys survive as ints
+    muon_state = next(iter(state["optimizers"][1]["state"].values()))
+    assert ("second_moment" in muon_state) == (muon_variant == "nanochat")
     assert_identical(state, decode_rank_state(encode_rank_state(state)))
 
 

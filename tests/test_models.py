@@ -394,6 +394,22 @@ def test_optimizer_groups(model_type):
         assert "norms" not in lrs  # no empty group
 
 
+def test_nanochat_muon_weight_decay_scales_with_width_and_ramps_down():
+    from nanochat.trainer import optimizer_step, weight_decay_multiplier
+
+    model = build_model("gpt", small_config("gpt"))  # width 64: below the smallest width the scaling was measured at
+    adamw, muon = model.setup_optimizers(weight_decay=0.1, muon_variant="nanochat")
+    group = muon.param_groups[0]
+    assert group["variant"] == "nanochat"
+    assert group["weight_decay"] == group["initial_weight_decay"] == pytest.approx(0.2 * (768 / 256) ** 2)  # capped
+    model(tokens(2, 16), tokens(2, 16, seed=1)).backward()
+    optimizer_step(model, [adamw, muon], lrm=1.0, momentum=0.95, grad_clip=1.0, wdm=weight_decay_multiplier(3, 4))
+    assert group["weight_decay"] == pytest.approx(0.25 * group["initial_weight_decay"])
+    assert all(g["weight_decay"] in (0.0, 0.1) for g in adamw.param_groups)  # AdamW's decay is not ramped
+    _, classic = model.setup_optimizers(muon_variant="classic")
+    assert classic.param_groups[0]["weight_decay"] == 0.0 and classic.param_groups[0]["variant"] == "classic"
+
+
 def test_optimizer_groups_of_norm_weights():
     """GPT's norms have no weights; Alcoholic's are embed_norm, norm and, per layer, 2 norms + q_norm, k_norm."""
     for model_type, count in (("gpt", 0), ("alcoholic", 2 + 2 * 4)):

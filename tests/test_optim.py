@@ -1,4 +1,5 @@
-"""Tests for nanochat/optim.py: Newton-Schulz, Muon, DistMuon (2 gloo processes), make_adamw."""
+"""Tests for nanochat/optim.py: Newton-Schulz and Polar Express, NorMuon, cautious weight decay, Muon, DistMuon
+(2 gloo processes), make_adamw."""
 
 import math
 import os
@@ -9,7 +10,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanochat.optim import DistMuon, Muon, make_adamw, zeropower_via_newtonschulz5
+from nanochat.optim import (
+    DistMuon,
+    Muon,
+    make_adamw,
+    normuon_scale,
+    zeropower_via_newtonschulz5,
+    zeropower_via_polar_express,
+)
 from tests.conftest import free_port
 
 
@@ -75,7 +83,89 @@ def test_newtonschulz_steps_improve():
 
 
 # -----------------------------------------------------------------------------
+# Polar Express
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (48, 16), (16, 48), (3, 40, 24)], ids=["square", "tall", "wide", "batch"])
+def test_polar_express_is_closer_to_orthogonal_than_newtonschulz(shape):
+    inputs = [_spread_matrix(*shape, cond=100.0, seed=4)]
+    if shape[-1] != shape[-2]:  # a square Gaussian matrix has singular values near 0 that no 5 steps can lift
+        inputs.append(torch.randn(shape, generator=torch.Generator().manual_seed(5)))
+    for G in inputs:
+        X = zeropower_via_polar_express(G)
+        assert X.shape == G.shape and X.dtype == torch.float32
+        err = (torch.linalg.svdvals(X) - 1).abs().max()
+        err_classic = (torch.linalg.svdvals(zeropower_via_newtonschulz5(G)) - 1).abs().max()
+        # 5 steps put every singular value within ~15% of 1; the fixed coefficients leave ~30%
+        assert err < 0.16 and err < 0.6 * err_classic, (err.item(), err_classic.item())
+        assert (_cosine(X, _polar(G)) > 0.98).all()
+
+
+def test_polar_express_bf16_matches_fp32():
+    G = _spread_matrix(2, 64, 32, seed=6)
+    X32, X16 = zeropower_via_polar_express(G), zeropower_via_polar_express(G, dtype=torch.bfloat16)
+    assert X16.dtype == torch.bfloat16
+    assert ((X16.float() - X32).norm() / X32.norm()) < 0.05
+
+
+# -----------------------------------------------------------------------------
+# NorMuon
+
+
+@pytest.mark.parametrize("shape", [(4, 32), (32, 4), (16, 16)], ids=["wide", "tall", "square"])
+def test_normuon_evens_out_neurons_and_keeps_the_norm(shape):
+    rows, cols = shape
+    dim = -1 if rows >= cols else -2  # one statistic per row, or per column of a wide matrix
+    g = torch.Generator().manual_seed(7)
+    neuron_scale = torch.logspace(-1, 1, max(rows, cols))  # neurons whose updates differ 100x in size
+    update = torch.randn(shape, generator=g) * (neuron_scale[:, None] if dim == -1 else neuron_scale[None, :])
+    second_moment = torch.zeros((rows, 1) if dim == -1 else (1, cols))
+    out = normuon_scale(update, second_moment, beta2=0.95)
+    torch.testing.assert_close(out.norm(), update.norm())  # the step size stays Muon's
+    rms = out.square().mean(dim=dim).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, rms[0].item()))  # every neuron moves alike
+    torch.testing.assert_close(second_moment, 0.05 * update.square().mean(dim=dim, keepdim=True))
+    # later steps: the running mean only partly follows the new update, and the norm is still kept
+    update2 = torch.randn(shape, generator=g)
+    out2 = normuon_scale(update2, second_moment, beta2=0.95)
+    torch.testing.assert_close(out2.norm(), update2.norm())
+    assert not torch.allclose(out2 / out2.norm(), update2 / update2.norm())
+
+
+# -----------------------------------------------------------------------------
 # Muon
+
+
+def test_cautious_weight_decay_by_hand():
+    """A Hadamard-shaped gradient is orthogonal with equal rows, so Polar Express and NorMuon keep its direction:
+    the update is k * [[1, 1], [1, -1]] with k > 0, and the decay mask follows from the signs by hand."""
+    init = torch.tensor([[2.0, -3.0], [4.0, 5.0]])
+    # update sign [[+, +], [+, -]] against param sign [[+, -], [+, +]]: agree in the first column only
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    lr, wd = 0.1, 0.5
+    moved = {}
+    for variant, decay in [("nanochat", 0.0), ("nanochat", wd), ("classic", 0.0), ("classic", wd)]:
+        p = torch.nn.Parameter(init.clone())
+        p.grad = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+        Muon([p], lr=lr, variant=variant, weight_decay=decay).step()
+        moved[variant, decay] = p.detach()
+    update = (init - moved["nanochat", 0.0]) / lr
+    torch.testing.assert_close(update / update[0, 0], torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+    # cautious: decayed by lr * wd * p where update and param agree, untouched where they disagree
+    torch.testing.assert_close(moved["nanochat", 0.0] - moved["nanochat", wd], lr * wd * init * mask)
+    # classic Muon's decay (when asked for) is plain decoupled decay, everywhere
+    torch.testing.assert_close(moved["classic", 0.0] - moved["classic", wd], lr * wd * init)
+
+
+def test_muon_variant_state_and_errors():
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    opt = Muon([p], variant="nanochat")
+    assert opt.param_groups[0]["weight_decay"] == 0.2 and Muon([p]).param_groups[0]["weight_decay"] == 0.0
+    p.grad = torch.randn(8, 4)
+    opt.step()
+    assert opt.state[p]["second_moment"].shape == (8, 1)  # one number per row of a tall matrix
+    with pytest.raises(ValueError, match="unknown Muon variant 'fast'; choose one of classic, nanochat"):
+        Muon([p], variant="fast")
 
 
 def _reference_muon(W, grads, lr, momentum, nesterov, ns_steps=5):
@@ -163,12 +253,12 @@ def _snapshot(groups):
     return [p.detach().clone() for group in groups for p in group["params"]]
 
 
-def _dist_worker(rank, world_size, port, out_dir):
+def _dist_worker(rank, world_size, port, out_dir, variant):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         groups = _make_param_groups()
-        opt = DistMuon(groups, momentum=0.9)
+        opt = DistMuon(groups, momentum=0.9, variant=variant)
         for step in range(3):
             _set_grads(groups, step)
             opt.step()
@@ -183,7 +273,7 @@ def _dist_worker(rank, world_size, port, out_dir):
         fresh = _make_param_groups()
         for p, value in zip([p for g in fresh for p in g["params"]], after3):
             p.data.copy_(value)
-        opt2 = DistMuon(fresh, momentum=0.9)
+        opt2 = DistMuon(fresh, momentum=0.9, variant=variant)
         state = torch.load(f"{out_dir}/optim_rank{rank}.pt", weights_only=True)
         other = dict(state, dist={"rank": 1 - rank, "world_size": world_size})
         try:
@@ -205,12 +295,13 @@ def _dist_worker(rank, world_size, port, out_dir):
     os._exit(0)
 
 
-def test_distmuon_matches_muon_on_two_processes(tmp_path):
+@pytest.mark.parametrize("variant", ["classic", "nanochat"])
+def test_distmuon_matches_muon_on_two_processes(tmp_path, variant):
     world_size = 2
-    mp.spawn(_dist_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(_dist_worker, args=(world_size, free_port(), str(tmp_path), variant), nprocs=world_size, join=True)
 
     groups = _make_param_groups()
-    opt = Muon(groups, momentum=0.9)
+    opt = Muon(groups, momentum=0.9, variant=variant)
     for step in range(3):
         _set_grads(groups, step)
         opt.step()

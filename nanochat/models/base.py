@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from nanochat.common import print0
-from nanochat.optim import DistMuon, Muon, make_adamw
+from nanochat.optim import MUON_VARIANTS, DistMuon, Muon, make_adamw
 
 # -----------------------------------------------------------------------------
 # Norms
@@ -477,8 +477,10 @@ class BaseLM(nn.Module):
         nparams_embedding = sum(p.numel() for p in self.param_groups()["embedding"])
         return 6 * (nparams - nparams_embedding) + 12 * c.n_layer * c.n_head * self.head_dim * c.sequence_len
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
-        """[AdamW for embedding, lm_head and norm weights, Muon for the matrices inside the blocks]."""
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                         muon_variant="nanochat"):
+        """[AdamW for embedding, lm_head and norm weights, Muon for the matrices inside the blocks]. weight_decay is
+        AdamW's; Muon's comes with muon_variant (nanochat.optim.MUON_VARIANTS)."""
         groups = self.param_groups()
         # AdamW learning rates were tuned at width 768 (nanochat); scale them by 1/sqrt(width / 768)
         scale = (self.config.n_embd / 768) ** -0.5
@@ -494,7 +496,12 @@ class BaseLM(nn.Module):
         adamw = make_adamw([g for g in adam_groups if g["params"]], weight_decay=weight_decay)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         muon_cls = DistMuon if distributed else Muon
-        muon = muon_cls([dict(name="matrices", params=groups["matrices"])], lr=matrix_lr, momentum=0.95)
+        # nanochat's sweeps (d8-d20) found the best Muon weight decay ~ 1/width^2, given at width 768; extrapolated
+        # no further than width 256 (d4, measured in docs/benchmarks.md): at width 64 it would reach lr * wd ~ 0.6
+        muon_wd = MUON_VARIANTS[muon_variant]["weight_decay"] * (768 / max(self.config.n_embd, 256)) ** 2
+        muon = muon_cls([dict(name="matrices", params=groups["matrices"])], lr=matrix_lr, momentum=0.95,
+                        variant=muon_variant, weight_decay=muon_wd)
+        muon.param_groups[0]["initial_weight_decay"] = muon_wd  # the trainer ramps it down to 0 over the run
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
