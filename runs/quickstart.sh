@@ -32,18 +32,18 @@ pipeline() {
     step "3/6 [$MT] pretraining (d4, $STEPS steps) and base evaluation"
     python -m scripts.base_train --model_type=$MT $TRAIN_ARGS
     python -m scripts.base_loss --model_tag=$TAG --device_batch_size=8 --split_tokens=32768
-    python -m scripts.base_eval --model_tag=$TAG --max_per_task=10 --bundle_dir=data/eval_bundle  # offline; a d4 model is at chance
+    python -m scripts.base_eval --model_tag=$TAG --max_per_task=12 --bundle_dir=data/eval_bundle  # offline; a d4 model is at chance
     step "4/6 [$MT] mid-training ($MID_STEPS steps) -> SFT ($SFT_STEPS steps) -> RL ($RL_STEPS steps)"
     python -m scripts.mid_train --model_tag=$TAG --num_iterations=$MID_STEPS --eval_every=50 --eval_steps=8
     # 2% of the base learning rates (nanochat's default for large models) moves a 6M-parameter model too little
     python -m scripts.chat_sft --model_tag=$TAG --num_iterations=$SFT_STEPS --init_lr_frac=0.5 --eval_every=50 \
         --eval_steps=8
     python -m scripts.chat_rl --model_tag=$TAG --num_iterations=$RL_STEPS --examples_per_step=8 --num_samples=8 \
-        --max_new_tokens=48 --eval_examples=50
+        --max_new_tokens=48 --eval_examples=32
     step "5/6 [$MT] chat_eval: base, SFT and RL side by side"
     for SRC in base sft rl; do
         python -m scripts.chat_eval -i $SRC --model_tag=$TAG -a "Arithmetic|ARC-Easy" $EVAL_ARGS
-        python -m scripts.chat_eval -i $SRC --model_tag=$TAG -a SpellingBee -x 25 -m 192
+        python -m scripts.chat_eval -i $SRC --model_tag=$TAG -a SpellingBee -x 20 -m 192
     done
 }
 

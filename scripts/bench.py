@@ -200,11 +200,13 @@ def cmd_data(args):
 
 
 def time_model_step(B, T, vocab_size, steps=3):
-    """Seconds per forward+backward of a d4 gpt in fp32 on CPU (median of `steps`, after one warmup step)."""
-    model = build_model("gpt", config_from_depth("gpt", 4, T, vocab_size), device="cpu")
+    """Seconds per forward+backward of a d4 model of the default type (the first registered: gpt) in fp32 on CPU
+    (median of `steps`, after one warmup step)."""
+    model_type = next(iter(MODEL_TYPES))
+    model = build_model(model_type, config_from_depth(model_type, 4, T, vocab_size), device="cpu")
     x = torch.randint(0, vocab_size, (B, T))
     fn = timer(lambda: (model(x, x).backward(), model.zero_grad(set_to_none=True)), "cpu")
-    return alternate({"gpt": fn}, steps)["gpt"]["s"]
+    return alternate({model_type: fn}, steps)[model_type]["s"]
 
 
 # -----------------------------------------------------------------------------
