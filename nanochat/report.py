@@ -17,6 +17,8 @@ import re
 import subprocess
 import sys
 
+from nanochat.common import cpu_name
+
 # -----------------------------------------------------------------------------
 # metrics.jsonl: one JSON line per training step or evaluation, in every checkpoint directory
 
@@ -97,17 +99,6 @@ def run_command(cmd):
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def memory_gib():
