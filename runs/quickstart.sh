@@ -38,8 +38,9 @@ pipeline() {
     # 2% of the base learning rates (nanochat's default for large models) moves a 6M-parameter model too little
     python -m scripts.chat_sft --model_tag=$TAG --num_iterations=$SFT_STEPS --init_lr_frac=0.5 --eval_every=50 \
         --eval_steps=8
+    # RL at 20% of the base learning rates: at nanochat's 5% 20 steps barely move the policy, at 50% it collapses
     python -m scripts.chat_rl --model_tag=$TAG --num_iterations=$RL_STEPS --examples_per_step=8 --num_samples=8 \
-        --max_new_tokens=48 --eval_examples=32
+        --max_new_tokens=48 --eval_examples=32 --init_lr_frac=0.2
     step "5/6 [$MT] chat_eval: base, SFT and RL side by side"
     for SRC in base sft rl; do
         python -m scripts.chat_eval -i $SRC --model_tag=$TAG -a "Arithmetic|ARC-Easy" $EVAL_ARGS

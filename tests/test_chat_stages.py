@@ -236,6 +236,27 @@ def test_muon_variant_comes_from_the_source_unless_given():
     assert args.muon_variant == base_train.build_parser().get_default("muon_variant")
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_fine_tuning_does_not_decay_the_matrices(model_type):
+    """Pretraining decays Muon's matrices by the variant's rule; mid/SFT/RL do not (as nanochat), unless asked:
+    a decay toward 0 on top of a few hundred noisy fine-tuning steps only erodes what pretraining learned."""
+    from nanochat.trainer import setup_optimizers
+
+    model = tiny_model(model_type, vocab_size=64)
+
+    def muon_decay(parser, argv=()):
+        args = parser.parse_args(list(argv))
+        inherit_args(args, {"train_args": {"muon_variant": "nanochat"}})
+        return setup_optimizers(model, args)[1].param_groups[0]["weight_decay"]
+
+    pretrain = base_train.build_parser().parse_args([])
+    assert pretrain.muon_variant == "nanochat" and muon_decay(base_train.build_parser()) > 0
+    for parser in (chat_sft.build_parser("mid"), chat_sft.build_parser("sft"), chat_rl.build_parser()):
+        assert muon_decay(parser) == 0.0
+        assert muon_decay(parser, ["--matrix_weight_decay=0.3"]) == 0.3
+    assert muon_decay(base_train.build_parser(), ["--matrix_weight_decay=0"]) == 0.0
+
+
 def test_wrong_model_type_is_one_line_from_the_command_line(base_env):
     base_train.main(["--model_type=alcoholic", *TINY, "--num_iterations=1"])
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_env), OMP_NUM_THREADS="1")

@@ -478,9 +478,9 @@ class BaseLM(nn.Module):
         return 6 * (nparams - nparams_embedding) + 12 * c.n_layer * c.n_head * self.head_dim * c.sequence_len
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         muon_variant="nanochat"):
+                         muon_variant="nanochat", matrix_weight_decay=None):
         """[AdamW for embedding, lm_head and norm weights, Muon for the matrices inside the blocks]. weight_decay is
-        AdamW's; Muon's comes with muon_variant (nanochat.optim.MUON_VARIANTS)."""
+        AdamW's; Muon's is matrix_weight_decay, None = muon_variant's rule (nanochat.optim.MUON_VARIANTS)."""
         groups = self.param_groups()
         # AdamW learning rates were tuned at width 768 (nanochat); scale them by 1/sqrt(width / 768)
         scale = (self.config.n_embd / 768) ** -0.5
@@ -498,7 +498,9 @@ class BaseLM(nn.Module):
         muon_cls = DistMuon if distributed else Muon
         # nanochat's sweeps (d8-d20) found the best Muon weight decay ~ 1/width^2, given at width 768; extrapolated
         # no further than width 256 (d4, measured in docs/benchmarks.md): at width 64 it would reach lr * wd ~ 0.6
-        muon_wd = MUON_VARIANTS[muon_variant]["weight_decay"] * (768 / max(self.config.n_embd, 256)) ** 2
+        muon_wd = matrix_weight_decay
+        if muon_wd is None:
+            muon_wd = MUON_VARIANTS[muon_variant]["weight_decay"] * (768 / max(self.config.n_embd, 256)) ** 2
         muon = muon_cls([dict(name="matrices", params=groups["matrices"])], lr=matrix_lr, momentum=0.95,
                         variant=muon_variant, weight_decay=muon_wd)
         muon.param_groups[0]["initial_weight_decay"] = muon_wd  # the trainer ramps it down to 0 over the run
