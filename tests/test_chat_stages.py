@@ -14,7 +14,7 @@ from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_last_step,
 from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
 from nanochat.models import MODEL_TYPES
 from nanochat.tokenizer import get_tokenizer
-from nanochat.trainer import add_train_args, forward_backward, inherit_args
+from nanochat.trainer import add_train_args, forward_backward, inherit_args, setup_optimizers
 from scripts import base_train, chat_rl, chat_sft, mid_train
 from tasks.common import Task
 from tests.conftest import sigkill_when, tiny_model
@@ -240,8 +240,6 @@ def test_muon_variant_comes_from_the_source_unless_given():
 def test_fine_tuning_does_not_decay_the_matrices(model_type):
     """Pretraining decays Muon's matrices by the variant's rule; mid/SFT/RL do not (as nanochat), unless asked:
     a decay toward 0 on top of a few hundred noisy fine-tuning steps only erodes what pretraining learned."""
-    from nanochat.trainer import setup_optimizers
-
     model = tiny_model(model_type, vocab_size=64)
 
     def muon_decay(parser, argv=()):
