@@ -37,6 +37,7 @@ from nanochat.checkpoint import (
 from nanochat.common import (
     DummyWandb,
     UserError,
+    auto_or_non_negative_float,
     auto_or_positive_int,
     autocast_ctx,
     compute_cleanup,
@@ -86,8 +87,9 @@ def add_train_args(p, inherit=False, **defaults):
     arg("muon_variant", str, "nanochat", "Muon for the matrices: nanochat (Polar Express, NorMuon, cautious weight "
         "decay) or classic (fixed Newton-Schulz coefficients); see nanochat/optim.py and docs/benchmarks.md",
         choices=list(MUON_VARIANTS))
-    arg("matrix_weight_decay", float, 0.0 if inherit else -1.0, "Muon's weight decay of the matrices (-1: the "
-        "--muon_variant's rule, 0.2*(768/width)^2 for nanochat; the fine-tuning stages default to 0, as nanochat's)")
+    arg("matrix_weight_decay", auto_or_non_negative_float, 0.0 if inherit else -1.0, "Muon's weight decay of the "
+        "matrices (-1: the --muon_variant's rule, 0.2*(768/width)^2 for nanochat; the fine-tuning stages default to "
+        "0, as nanochat's)")
     arg("grad_clip", non_negative_float, 1.0, "max gradient norm (0 = off)")
     arg("init_lr_frac", non_negative_float, 1.0, "every learning rate is multiplied by this at the start")
     arg("warmup_ratio", fraction, 0.0, "fraction of the steps with a linear warmup")
@@ -161,7 +163,7 @@ def setup_optimizers(model, args):
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                         muon_variant=args.muon_variant,
-                                        matrix_weight_decay=None if args.matrix_weight_decay < 0
+                                        matrix_weight_decay=None if args.matrix_weight_decay == -1
                                         else args.matrix_weight_decay)
     for opt in optimizers:
         for group in opt.param_groups:
