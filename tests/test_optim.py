@@ -295,7 +295,8 @@ def _dist_worker(rank, world_size, port, out_dir, variant):
     os._exit(0)
 
 
-@pytest.mark.parametrize("variant", ["classic", "nanochat"])
+# the default variant in the default suite; the classic one shares the sharding and communication (--slow)
+@pytest.mark.parametrize("variant", [pytest.param("classic", marks=pytest.mark.slow), "nanochat"])
 def test_distmuon_matches_muon_on_two_processes(tmp_path, variant):
     world_size = 2
     mp.spawn(_dist_worker, args=(world_size, free_port(), str(tmp_path), variant), nprocs=world_size, join=True)

@@ -24,6 +24,7 @@ from nanochat.models.base import (
     Rotary,
     apply_rotary_emb,
     attention,
+    embedding,
     fused_linear,
     heads_for_width,
 )
@@ -248,7 +249,7 @@ class Alcoholic(BaseLM):
         self.head_dim = config.head_dim or config.n_embd // config.n_head
         self.logit_softcap = config.logit_softcap
         self.model = nn.ModuleDict({
-            "embed_tokens": nn.Embedding(config.vocab_size, config.n_embd),
+            "embed_tokens": embedding(config.vocab_size, config.n_embd),
             **({"embed_norm": make_norm(config, config.n_embd)} if config.embed_norm else {}),  # input norm
             "layers": nn.ModuleList([DecoderLayer(config, i) for i in range(config.n_layer)]),
             "norm": make_norm(config, config.n_embd),  # output norm

@@ -64,6 +64,12 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=3)
 
 
+def embedding(num_embeddings, embedding_dim):
+    """nn.Embedding without its default normal_ init, which init_weights() replaces anyway: on the meta device
+    normal_ is a Python reference op whose first call imports torch._dynamo (~1.2 s of every process start)."""
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
+
+
 def rotary_tables(seq_len, head_dim, theta, negate_sin=False, device=None):
     """cos and sin of shape (1, seq_len, 1, head_dim/2), computed in fp32."""
     assert head_dim % 2 == 0, f"rotary embeddings need an even head_dim, got {head_dim}"
@@ -88,9 +94,11 @@ class Rotary(nn.Module):
     def __init__(self, head_dim, seq_len, theta, negate_sin=False):
         super().__init__()
         self.head_dim, self.theta, self.negate_sin = head_dim, theta, negate_sin
-        cos, sin = rotary_tables(seq_len, head_dim, theta, negate_sin)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        # computed on the CPU, then moved, even under torch.device("meta"): meta arange runs as a Python reference
+        # op, and the first of those imports torch._dynamo (~1.2 s of every process start)
+        cos, sin = rotary_tables(seq_len, head_dim, theta, negate_sin, device="cpu")
+        self.register_buffer("cos", cos.to(torch.get_default_device()), persistent=False)
+        self.register_buffer("sin", sin.to(torch.get_default_device()), persistent=False)
 
     def reset(self, seq_len=None):
         seq_len = seq_len or self.cos.size(1)

@@ -23,6 +23,7 @@ from nanochat.models.base import (
     Rotary,
     apply_rotary_emb,
     attention,
+    embedding,
     fused_linear,
     heads_for_width,
     norm,
@@ -171,7 +172,7 @@ class GPT(BaseLM):
         self.config = config
         self.head_dim = config.n_embd // config.n_head
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "wte": embedding(config.vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
