@@ -6,11 +6,11 @@ Everything is token ids in, token ids out. The engine uses only the model interf
 `config.sequence_len`, `get_device`), so the
 same code serves every model type.
 
-Decoding is prefill + decode: the prompt is run once with batch size 1, then the cache is
-expanded to `num_samples` rows and each step feeds one token per row. Each row has a little
-state machine for tool use: when the model writes <|python_start|> expr <|python_end|>, the
-engine evaluates expr with a safe calculator and forces <|output_start|> result <|output_end|>
-into that row, as if the tool had answered.
+Decoding is prefill + decode: the prompt is run once with batch size 1 (or several prompts of the same length
+together, generate_many: evaluation and RL decode many problems at once), then the cache is expanded to
+`num_samples` rows per prompt and each step feeds one token per row. Each row has a little state machine for
+tool use: when the model writes <|python_start|> expr <|python_end|>, the engine evaluates expr with a safe
+calculator and forces <|output_start|> result <|output_end|> into that row, as if the tool had answered.
 """
 
 import ast
@@ -102,6 +102,15 @@ def use_calculator(expr, max_time=1.0):
 # Engine
 
 
+def same_length_groups(prompts, max_group):
+    """Indices of `prompts` in groups of at most max_group prompts of one length, for Engine.generate_many (which
+    needs no padding then): shortest prompts first, each group in the prompts' order."""
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    return [ids[j:j + max_group] for _, ids in sorted(by_length.items()) for j in range(0, len(ids), max_group)]
+
+
 class RowState:
     """One sample's progress: its tokens, tokens waiting to be forced (tool output), and the tool-call state."""
 
@@ -140,14 +149,26 @@ class Engine:
         elif state.in_python:
             state.python_tokens.append(token)
 
-    @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+    def generate(self, tokens, num_samples=1, **kwargs):
         """Yield (token_column, token_masks) per step: one token per sample, mask 1 if sampled, 0 if forced by the
         tool. A row that ends (<|assistant_end|> or <|bos|>) keeps receiving tokens until all rows end; callers
         ignore what follows a row's end. Stops when every row ended, after max_tokens steps, or when the
-        context is full."""
-        if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens)):
+        context is full. kwargs: max_tokens, temperature, top_k, top_p, seed."""
+        yield from self.generate_many([tokens], num_samples, **kwargs)
+
+    @torch.inference_mode()
+    def generate_many(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
+                      seed=42):
+        """generate() for several prompts of the same length at once: one prefill of all of them, then
+        num_samples rows per prompt, grouped by prompt (row p * num_samples + s). Batching changes the order of
+        float sums inside the GEMMs, so a row's logits may differ from a lone run's in the last bits."""
+        if not (isinstance(prompts, list) and prompts and all(isinstance(t, list) and t and
+                                                               all(isinstance(i, int) for i in t) for t in prompts)):
             raise ValueError("tokens must be a non-empty list of ints (a prompt of token ids)")
+        if len({len(t) for t in prompts}) > 1:
+            raise ValueError(f"prompts decoded together must have the same length, got lengths "
+                             f"{sorted({len(t) for t in prompts})}")
+        tokens = prompts[0]
         context = self.model.config.sequence_len
         if len(tokens) > context:
             raise ValueError(f"prompt has {len(tokens)} tokens but the model's context is {context}; shorten it")
@@ -155,17 +176,17 @@ class Engine:
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
 
-        # 1) prefill the prompt once, with batch size 1; the cache holds the prompt plus what we will feed back
+        # 1) prefill the prompts once; the cache holds them plus what we will feed back
         capacity = context if max_tokens is None else min(context, len(tokens) + max_tokens)
-        cache = self.model.make_kv_cache(1, capacity, device=device)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        cache = self.model.make_kv_cache(len(prompts), capacity, device=device)
+        ids = torch.tensor(prompts, dtype=torch.long, device=device)
         # a model's vocab may be padded beyond the tokenizer's: never sample an id that cannot be decoded
         vocab_size = self.tokenizer.get_vocab_size()
         logits = self.model(ids, kv_cache=cache)[:, -1, :vocab_size]
-        # 2) one cache row per sample; every row samples its own first token
-        cache.expand(num_samples)
-        logits = logits.expand(num_samples, -1)
-        rows = [RowState(tokens) for _ in range(num_samples)]
+        # 2) num_samples cache rows per prompt; every row samples its own first token
+        cache.expand(len(prompts) * num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        rows = [RowState(t) for t in prompts for _ in range(num_samples)]
 
         num_generated = 0
         while True:
@@ -192,11 +213,16 @@ class Engine:
         """Non-streaming: returns (results, masks), per sample the prompt plus the generated tokens and the matching
         masks (0 for prompt and forced tokens). The ending <|assistant_end|> / <|bos|> is left out, unless keep_end
         (RL learns to stop from it)."""
+        return self.generate_batch_many([tokens], num_samples, keep_end, **kwargs)
+
+    def generate_batch_many(self, prompts, num_samples=1, keep_end=False, **kwargs):
+        """generate_batch() for several prompts of the same length, decoded together: results and masks of
+        len(prompts) * num_samples rows, grouped by prompt."""
         ends = (self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id())
-        results = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
-        done = [False] * num_samples
-        for column, column_masks in self.generate(tokens, num_samples, **kwargs):
+        results = [list(t) for t in prompts for _ in range(num_samples)]
+        masks = [[0] * len(t) for t in results]
+        done = [False] * len(results)
+        for column, column_masks in self.generate_many(prompts, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(column, column_masks)):
                 if done[i]:
                     continue

@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source runs/setup_env.sh
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 STEPS="${QUICK_STEPS:-200}"
-MID_STEPS=$(( STEPS * 3 / 10 )); SFT_STEPS=$(( STEPS * 3 / 4 )); RL_STEPS=$(( STEPS / 10 > 1 ? STEPS / 10 : 2 ))
+MID_STEPS=$(( STEPS * 3 / 10 )); SFT_STEPS=$(( STEPS * 3 / 4 )); RL_STEPS=$(( STEPS * 3 / 20 > 1 ? STEPS * 3 / 20 : 2 ))
 # A d4 model (4 layers, width 256) with 256-token contexts: ~6M parameters, trains in minutes on one core in fp32
 TRAIN_ARGS="--depth=4 --max_seq_len=256 --device_batch_size=8 --num_iterations=$STEPS --eval_every=50 --sample_every=-1"
 # the chat evaluation: 100 held-out arithmetic questions (answered through the calculator), spelling, ARC-Easy

@@ -33,6 +33,7 @@ from nanochat.common import (
     positive_int,
     print0,
 )
+from nanochat.engine import same_length_groups
 from nanochat.report import get_report
 from tasks.arc import ARC
 from tasks.arithmetic import ArithmeticTool
@@ -119,25 +120,30 @@ def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None
 
 
 def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_tokens=512, temperature=0.0,
-                        top_k=50, max_problems=None):
-    """pass@num_samples: a problem counts as solved when any of its samples is correct. Ranks take turns."""
+                        top_k=50, max_problems=None, batch_size=8):
+    """pass@num_samples: a problem counts as solved when any of its samples is correct. Ranks take turns; prompts
+    of one length are decoded together, batch_size rows at a time."""
     _, rank, _, world_size = get_dist_info()
     device = model.get_device()
     context = model.config.sequence_len
     num_problems = _num_problems(task, max_problems)
-    passed, total, too_long = 0, 0, 0
-    for i in range(rank, num_problems, world_size):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        total += 1
-        if len(prompt) >= context:  # no room to answer: counts as a failure
-            too_long += 1
-            continue
+    indices = list(range(rank, num_problems, world_size))
+    conversations = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    fits = [j for j, prompt in enumerate(prompts) if len(prompt) < context]  # no room to answer: a failure
+    too_long = len(indices) - len(fits)
+    passed, total = 0, too_long
+    for group in same_length_groups([prompts[j] for j in fits], max(1, batch_size // num_samples)):
+        group = [fits[g] for g in group]
         with autocast_ctx(device.type):
-            results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                               temperature=temperature, top_k=top_k, seed=i)
-        completions = [tokenizer.decode(tokens[len(prompt):]) for tokens in results]
-        passed += int(any(task.evaluate(conversation, completion) for completion in completions))
+            results, _ = engine.generate_batch_many([prompts[j] for j in group], num_samples=num_samples,
+                                                    max_tokens=max_new_tokens, temperature=temperature,
+                                                    top_k=top_k, seed=indices[group[0]])
+        for g, j in enumerate(group):
+            rows = results[g * num_samples:(g + 1) * num_samples]
+            completions = [tokenizer.decode(tokens[len(prompts[j]):]) for tokens in rows]
+            passed += int(any(task.evaluate(conversations[j], completion) for completion in completions))
+            total += 1
         if sys.stdout.isatty():
             print(f"\r\033[KRank {rank} | {passed}/{total} ({100 * passed / total:.2f}%)", end="", flush=True)
     if sys.stdout.isatty():
@@ -158,7 +164,7 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples
         return run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
     if task.eval_type == "generative":
         return run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature,
-                                   top_k, max_problems)
+                                   top_k, max_problems, batch_size)
     raise ValueError(f"{task_name}: unsupported eval_type {task.eval_type!r} (expected categorical|generative)")
 
 
@@ -184,7 +190,8 @@ def main(argv=None):
                         help="samples per generative problem (pass@n)")
     parser.add_argument("-m", "--max_new_tokens", type=positive_int, default=512, help="longest generated answer")
     parser.add_argument("-b", "--batch_size", type=positive_int, default=8,
-                        help="problems per forward pass (categorical)")
+                        help="problems per forward pass (categorical); rows decoded together (generative: "
+                        "prompts of one length, num_samples rows each)")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu; empty = autodetect")
     args = parse_args(parser, argv)
     task_names = list(TASKS) if args.task_name is None else [t.strip() for t in args.task_name.split("|")]

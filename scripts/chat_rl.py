@@ -37,7 +37,7 @@ from nanochat.common import (
     print0,
     run_cli,
 )
-from nanochat.engine import Engine
+from nanochat.engine import Engine, same_length_groups
 from nanochat.report import append_metrics, get_report, truncate_metrics
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import (
@@ -87,18 +87,25 @@ def build_parser():
 
 
 @torch.no_grad()
-def rollout(engine, tokenizer, task, index, args, seed):
-    """k answers to problem `index`: (token rows, masks, rewards). A mask is 1 on the tokens the model sampled."""
-    conversation = task[index]
-    prompt = tokenizer.render_for_completion(conversation)
-    model = engine.model
-    with autocast_ctx(model.get_device().type):
-        rows, masks = engine.generate_batch(prompt, num_samples=args.num_samples, max_tokens=args.max_new_tokens,
-                                            temperature=args.temperature, top_k=args.top_k, seed=seed, keep_end=True)
+def rollouts(engine, tokenizer, task, indices, args, seed):
+    """k answers to each of the problems `indices`: [(token rows, masks, rewards)] in their order. A mask is 1 on
+    the tokens the model sampled. Problems whose prompts have one length are sampled together (one batch of
+    rows per --device_batch_size prompts)."""
+    conversations = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
     ends = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id())
-    answers = [row[len(prompt):-1] if row[-1] in ends else row[len(prompt):] for row in rows]
-    rewards = [task.reward(conversation, tokenizer.decode(answer)) for answer in answers]
-    return rows, masks, rewards
+    out = [None] * len(indices)
+    for group in same_length_groups(prompts, args.device_batch_size):
+        with autocast_ctx(engine.model.get_device().type):
+            rows, masks = engine.generate_batch_many([prompts[j] for j in group], num_samples=args.num_samples,
+                                                     max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                                     top_k=args.top_k, seed=seed + indices[group[0]], keep_end=True)
+        k = args.num_samples
+        for g, j in enumerate(group):
+            r, m = rows[g * k:(g + 1) * k], masks[g * k:(g + 1) * k]
+            answers = [row[len(prompts[j]):-1] if row[-1] in ends else row[len(prompts[j]):] for row in r]
+            out[j] = (r, m, [task.reward(conversations[j], tokenizer.decode(a)) for a in answers])
+    return out
 
 
 def advantages(rewards):
@@ -136,8 +143,7 @@ def pass_at_k(engine, tokenizer, task, args):
     _, rank, _, world_size = get_dist_info()
     n = min(args.eval_examples, len(task))
     stats = torch.zeros(3, dtype=torch.float64, device=engine.model.get_device())
-    for i in range(rank, n, world_size):
-        _, _, rewards = rollout(engine, tokenizer, task, i, args, seed=i)
+    for _, _, rewards in rollouts(engine, tokenizer, task, list(range(rank, n, world_size)), args, seed=0):
         stats += torch.tensor([sum(r > 0 for r in rewards) / len(rewards), float(any(r > 0 for r in rewards)), 1.0],
                               dtype=torch.float64, device=stats.device)
     if world_size > 1:
@@ -233,10 +239,11 @@ def run(args):
             t0 = time.time()
             model.eval()  # sampling: no dropout
             rows, masks, advs, rewards = [], [], [], []
-            for i in range(per_rank):  # problems of this step: a deterministic function of the step, so resume is exact
-                index = (step * args.examples_per_step + rank + i * world_size) % len(train_task)
-                seed = (args.seed * 1_000_003 + step * 10_007 + index) % 2**31
-                r, m, rw = rollout(engine, tokenizer, train_task, index, args, seed=seed)
+            # problems of this step: a deterministic function of the step, so resume is exact
+            indices = [(step * args.examples_per_step + rank + i * world_size) % len(train_task)
+                       for i in range(per_rank)]
+            seed = (args.seed * 1_000_003 + step * 10_007) % 2**31
+            for r, m, rw in rollouts(engine, tokenizer, train_task, indices, args, seed):
                 rows += r
                 masks += m
                 rewards += rw

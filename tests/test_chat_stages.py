@@ -152,27 +152,35 @@ def test_a_step_without_supervised_tokens_is_finite_and_changes_nothing(tokenize
 
 
 def test_rl_rewards_and_advantages_by_hand(tokenizer):
-    class Problems(Task):
+    class Problems(Task):  # problem i: "question i", answer i + 1; 4 and 5 render to prompts of one length
         def num_examples(self):
-            return 1
+            return 8
 
         def get_example(self, index):
-            return conversation(4)
+            return conversation(index)
 
         def reward(self, conversation, completion):
-            return float(completion.strip().endswith("#### 5"))
+            return float(completion.strip().endswith(conversation["messages"][1]["content"][-1]["text"]))
 
-    class Scripted:  # an Engine stand-in that "samples" fixed answers: two right, one wrong, one half-right
+    class Scripted:  # an Engine stand-in that "samples" fixed answers for every prompt it is given at once
         model = type("M", (), {"get_device": lambda self: torch.device("cpu")})()
+        calls = []
 
-        def generate_batch(self, prompt, num_samples, keep_end, **kwargs):
+        def generate_batch_many(self, prompts, num_samples, keep_end, **kwargs):
+            self.calls.append(len(prompts))
             texts = ["so #### 5", "#### 6", "hm #### 5", "#### 55"]
-            rows = [prompt + tokenizer.encode(t) + [tokenizer.encode_special("<|assistant_end|>")] for t in texts]
-            return rows, [[0] * len(prompt) + [1] * (len(r) - len(prompt)) for r in rows]
+            rows, masks = [], []
+            for prompt in prompts:
+                for text in texts:
+                    rows.append(prompt + tokenizer.encode(text) + [tokenizer.encode_special("<|assistant_end|>")])
+                    masks.append([0] * len(prompt) + [1] * (len(rows[-1]) - len(prompt)))
+            return rows, masks
 
     args = chat_rl.build_parser().parse_args(["--num_samples=4", "--max_new_tokens=8"])
-    rows, masks, rewards = chat_rl.rollout(Scripted(), tokenizer, Problems(), 0, args, seed=0)
-    assert rewards == [1.0, 0.0, 1.0, 0.0]
+    engine = Scripted()
+    (rows, masks, rewards), (_, _, rewards5) = chat_rl.rollouts(engine, tokenizer, Problems(), [4, 5], args, seed=0)
+    assert engine.calls == [2]  # one batch for the two prompts
+    assert rewards5 == [0.0, 1.0, 0.0, 0.0]  # problem 5's answer is 6: its rows were scored against it
     assert chat_rl.advantages(rewards) == [0.5, -0.5, 0.5, -0.5]
     assert chat_rl.advantages([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]  # nothing to learn when all agree
     batches = chat_rl.policy_batches(rows, masks, chat_rl.advantages(rewards), 0, torch.device("cpu"), 3)

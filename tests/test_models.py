@@ -220,8 +220,8 @@ def test_kv_cache_overflow_and_shape_errors():
     with pytest.raises(ValueError, match="kv_heads=2, head_dim=8"):
         cache.insert_kv(0, torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8))
     cache.expand(2)
-    with pytest.raises(ValueError, match="batch-1 cache"):
-        cache.expand(4)
+    with pytest.raises(ValueError, match="each of the 2 prefilled rows the same number of times: batch_size=3"):
+        cache.expand(3)
     cache.reset()
     assert cache.pos == 0
 

@@ -17,7 +17,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     for marker in ("=== done in", "CORE: ", "ARC-Easy accuracy", "Arithmetic accuracy", "SpellingBee accuracy",
                    "held-out loss", "pass@1", "[calculator: "):
         assert marker in out, marker
-    for stage, step in (("base", 40), ("mid", 12), ("chatsft", 30), ("chatrl", 4)):
+    for stage, step in (("base", 40), ("mid", 12), ("chatsft", 30), ("chatrl", 6)):
         for tag in ("gpt_d4", "alcoholic_d4"):
             assert os.path.exists(tmp_path / f"{stage}_checkpoints" / tag / f"meta_{step:06d}.json"), (stage, tag)
     assert (tmp_path / "report" / "compare.png").stat().st_size > 10_000

@@ -437,8 +437,8 @@ class ConstantEngine:
     def __init__(self, tokenizer, text):
         self.tokenizer, self.text = tokenizer, text
 
-    def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        results = [list(tokens) + self.tokenizer.encode(self.text) for _ in range(num_samples)]
+    def generate_batch_many(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        results = [list(tokens) + self.tokenizer.encode(self.text) for tokens in prompts for _ in range(num_samples)]
         return results, [[0] * len(r) for r in results]
 
 
@@ -449,6 +449,30 @@ def test_generative_eval_scores_completions(hf_dir, tokenizer, model):
     real = chat_eval.run_generative_eval(SpellingBee(size=3, split="test"), tokenizer, model, Engine(model, tokenizer),
                                          max_new_tokens=4)
     assert 0.0 <= real <= 1.0
+
+
+class OracleEngine:
+    """Answers each prompt with its own problem's reference answer: a row given to the wrong problem fails."""
+
+    def __init__(self, tokenizer, task):
+        self.tokenizer = tokenizer  # the last part of an arithmetic answer is its text "\n#### <answer>"
+        self.answers = {tuple(tokenizer.render_for_completion(task[i])): task[i]["messages"][-1]["content"][-1]["text"]
+                        for i in range(len(task))}
+        self.calls = []
+
+    def generate_batch_many(self, prompts, num_samples=1, **kwargs):
+        self.calls.append(len(prompts))
+        results = [list(p) + self.tokenizer.encode(self.answers[tuple(p)]) for p in prompts for _ in range(num_samples)]
+        return results, [[0] * len(r) for r in results]
+
+
+def test_generative_eval_decodes_same_length_prompts_together(tokenizer, model):
+    from tasks.arithmetic import ArithmeticTool
+
+    task = ArithmeticTool(size=40, split="test")
+    engine = OracleEngine(tokenizer, task)
+    assert chat_eval.run_generative_eval(task, tokenizer, model, engine, num_samples=2, batch_size=8) == 1.0
+    assert max(engine.calls) > 1 and max(engine.calls) <= 4 and sum(engine.calls) == 40  # 8 rows: 4 prompts x 2
 
 
 def test_chatcore_centers_on_chance():

@@ -214,19 +214,19 @@ class KVCache:
         return self.kv[layer_idx, 0, :, :, :t1], self.kv[layer_idx, 1, :, :, :t1]
 
     def expand(self, batch_size):
-        """After a batch-1 prefill, copy that one row into a new buffer of batch_size rows (to sample N
-        continuations of one prompt). Returns self."""
+        """After the prefill of B prompts, repeat each row batch_size // B times, in place (to sample several
+        continuations of each prompt; rows stay grouped by prompt). Returns self."""
         B = self.shape[2]
         if batch_size == B:
             return self
-        if B != 1:
-            raise ValueError(f"KVCache.expand needs a batch-1 cache (prefill once, then expand), this one has "
-                             f"batch_size={B}")
+        if batch_size % B:
+            raise ValueError(f"KVCache.expand repeats each of the {B} prefilled rows the same number of times: "
+                             f"batch_size={batch_size} is not a multiple of {B}")
         L, two, _, H, T_max, D = self.shape
         self.shape = (L, two, batch_size, H, T_max, D)
         if self.kv is not None:
             new = torch.zeros(self.shape, device=self.kv.device, dtype=self.kv.dtype)
-            new[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos]  # broadcasts the one row to all
+            new[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos].repeat_interleave(batch_size // B, dim=2)
             self.kv = new
         return self
 
