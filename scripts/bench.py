@@ -610,18 +610,22 @@ def cmd_memory(args):
 def cmd_scaling(args):
     device_type = setup(args)
     B, T = args.batch_size, args.seq_len
-    results = {"shapes": dict(depths=args.depths, batch_size=B, seq_len=T, vocab_size=args.vocab_size),
+    # one head_dim for every depth: 64 splits every width (64 x depth) into whole heads, where the types' default
+    # of 128 does not at odd depths
+    head_dim = args.head_dim or 64
+    results = {"shapes": dict(depths=args.depths, batch_size=B, seq_len=T, vocab_size=args.vocab_size,
+                              head_dim=head_dim),
                "env": environment(args, device_type)}
     results.update({t: {"depth": [], "params": [], "flops_per_token": [], "tok_s": [], "tflops": []}
                     for t in MODEL_TYPES})
-    print(f"scaling: forward+backward tok/s over depth, batch {B} x seq {T}, vocab {args.vocab_size}, {device_type}, "
-          f"median of {args.n}")
+    print(f"scaling: forward+backward tok/s over depth, batch {B} x seq {T}, vocab {args.vocab_size}, head_dim "
+          f"{head_dim}, {device_type}, median of {args.n}")
     rows = []
     for depth in args.depths:
         fns, models = {}, {}
         for t in MODEL_TYPES:
             torch.manual_seed(0)
-            config = config_from_depth(t, depth, T, args.vocab_size, head_dim=args.head_dim)
+            config = config_from_depth(t, depth, T, args.vocab_size, head_dim=head_dim)
             model = models[t] = build_model(t, config, device=device_type).train()
             x = torch.randint(0, args.vocab_size, (B, T), device=device_type)
 

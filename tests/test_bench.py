@@ -106,3 +106,7 @@ def test_scaling_writes_json_and_plot(tmp_path):
         assert data[t]["depth"] == [1, 2] and data[t]["flops_per_token"][0] < data[t]["flops_per_token"][1]
         assert len(data[t]["tok_s"]) == 2
     assert os.path.getsize(tmp_path / "scaling.png") > 0
+    # without --head_dim every depth builds, odd ones too (width 320 at d5 has no whole number of 128-wide heads)
+    bench.main(["scaling", "--depths", "5", "--vocab_size=64", "--seq_len=8", "--batch_size=1", "--n=1",
+                f"--out={tmp_path}"])
+    assert read(tmp_path, "scaling")["shapes"]["head_dim"] == 64
