@@ -213,9 +213,9 @@ class Engine:
         """Non-streaming: returns (results, masks), per sample the prompt plus the generated tokens and the matching
         masks (0 for prompt and forced tokens). The ending <|assistant_end|> / <|bos|> is left out, unless keep_end
         (RL learns to stop from it)."""
-        return self.generate_batch_many([tokens], num_samples, keep_end, **kwargs)
+        return self.generate_batch_group([tokens], num_samples, keep_end, **kwargs)
 
-    def generate_batch_many(self, prompts, num_samples=1, keep_end=False, **kwargs):
+    def generate_batch_group(self, prompts, num_samples=1, keep_end=False, **kwargs):
         """generate_batch() for several prompts of the same length, decoded together: results and masks of
         len(prompts) * num_samples rows, grouped by prompt."""
         ends = (self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id())
@@ -234,3 +234,16 @@ class Engine:
             if all(done):
                 break
         return results, masks
+
+    def generate_batch_many(self, prompts, num_samples=1, keep_end=False, max_prompts=8, seeds=None, **kwargs):
+        """generate_batch() for prompts of any lengths (an evaluation's or an RL step's problems): those of one
+        length are decoded together, at most max_prompts at a time (max_prompts * num_samples rows), each group
+        sampling with the seed of its first prompt (seeds[i], default i). Yields (i, results, masks) for every
+        prompt i, group by group as they finish, shortest prompts first."""
+        seeds = range(len(prompts)) if seeds is None else seeds
+        k = num_samples
+        for group in same_length_groups(prompts, max_prompts):
+            results, masks = self.generate_batch_group([prompts[i] for i in group], k, keep_end,
+                                                       seed=seeds[group[0]], **kwargs)
+            for g, i in enumerate(group):
+                yield i, results[g * k:(g + 1) * k], masks[g * k:(g + 1) * k]

@@ -33,7 +33,6 @@ from nanochat.common import (
     positive_int,
     print0,
 )
-from nanochat.engine import same_length_groups
 from nanochat.report import get_report
 from tasks.arc import ARC
 from tasks.arithmetic import ArithmeticTool
@@ -133,19 +132,18 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_t
     fits = [j for j, prompt in enumerate(prompts) if len(prompt) < context]  # no room to answer: a failure
     too_long = len(indices) - len(fits)
     passed, total = 0, too_long
-    for group in same_length_groups([prompts[j] for j in fits], max(1, batch_size // num_samples)):
-        group = [fits[g] for g in group]
-        with autocast_ctx(device.type):
-            results, _ = engine.generate_batch_many([prompts[j] for j in group], num_samples=num_samples,
-                                                    max_tokens=max_new_tokens, temperature=temperature,
-                                                    top_k=top_k, seed=indices[group[0]])
-        for g, j in enumerate(group):
-            rows = results[g * num_samples:(g + 1) * num_samples]
+    with autocast_ctx(device.type):
+        answers = engine.generate_batch_many([prompts[j] for j in fits], num_samples,
+                                             max_prompts=max(1, batch_size // num_samples),
+                                             seeds=[indices[j] for j in fits], max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k)
+        for f, rows, _ in answers:
+            j = fits[f]
             completions = [tokenizer.decode(tokens[len(prompts[j]):]) for tokens in rows]
             passed += int(any(task.evaluate(conversations[j], completion) for completion in completions))
             total += 1
-        if sys.stdout.isatty():
-            print(f"\r\033[KRank {rank} | {passed}/{total} ({100 * passed / total:.2f}%)", end="", flush=True)
+            if sys.stdout.isatty():
+                print(f"\r\033[KRank {rank} | {passed}/{total} ({100 * passed / total:.2f}%)", end="", flush=True)
     if sys.stdout.isatty():
         print()
     if too_long:

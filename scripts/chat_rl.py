@@ -37,7 +37,7 @@ from nanochat.common import (
     print0,
     run_cli,
 )
-from nanochat.engine import Engine, same_length_groups
+from nanochat.engine import Engine
 from nanochat.report import append_metrics, get_report, truncate_metrics
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import (
@@ -95,16 +95,14 @@ def rollouts(engine, tokenizer, task, indices, args, seed):
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     ends = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id())
     out = [None] * len(indices)
-    for group in same_length_groups(prompts, args.device_batch_size):
-        with autocast_ctx(engine.model.get_device().type):
-            rows, masks = engine.generate_batch_many([prompts[j] for j in group], num_samples=args.num_samples,
-                                                     max_tokens=args.max_new_tokens, temperature=args.temperature,
-                                                     top_k=args.top_k, seed=seed + indices[group[0]], keep_end=True)
-        k = args.num_samples
-        for g, j in enumerate(group):
-            r, m = rows[g * k:(g + 1) * k], masks[g * k:(g + 1) * k]
-            answers = [row[len(prompts[j]):-1] if row[-1] in ends else row[len(prompts[j]):] for row in r]
-            out[j] = (r, m, [task.reward(conversations[j], tokenizer.decode(a)) for a in answers])
+    with autocast_ctx(engine.model.get_device().type):
+        for j, rows, masks in engine.generate_batch_many(prompts, args.num_samples, keep_end=True,
+                                                         max_prompts=args.device_batch_size,
+                                                         seeds=[seed + i for i in indices],
+                                                         max_tokens=args.max_new_tokens,
+                                                         temperature=args.temperature, top_k=args.top_k):
+            answers = [row[len(prompts[j]):-1] if row[-1] in ends else row[len(prompts[j]):] for row in rows]
+            out[j] = (rows, masks, [task.reward(conversations[j], tokenizer.decode(a)) for a in answers])
     return out
 
 

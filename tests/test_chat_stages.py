@@ -12,6 +12,7 @@ import torch
 
 from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_last_step, load_model, read_meta
 from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
+from nanochat.engine import Engine
 from nanochat.models import MODEL_TYPES
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import add_train_args, forward_backward, inherit_args, setup_optimizers
@@ -162,11 +163,10 @@ def test_rl_rewards_and_advantages_by_hand(tokenizer):
         def reward(self, conversation, completion):
             return float(completion.strip().endswith(conversation["messages"][1]["content"][-1]["text"]))
 
-    class Scripted:  # an Engine stand-in that "samples" fixed answers for every prompt it is given at once
-        model = type("M", (), {"get_device": lambda self: torch.device("cpu")})()
+    class Scripted(Engine):  # the Engine with its decoding replaced: fixed answers for every prompt decoded at once
         calls = []
 
-        def generate_batch_many(self, prompts, num_samples, keep_end, **kwargs):
+        def generate_batch_group(self, prompts, num_samples, keep_end, **kwargs):
             self.calls.append(len(prompts))
             texts = ["so #### 5", "#### 6", "hm #### 5", "#### 55"]
             rows, masks = [], []
@@ -177,7 +177,7 @@ def test_rl_rewards_and_advantages_by_hand(tokenizer):
             return rows, masks
 
     args = chat_rl.build_parser().parse_args(["--num_samples=4", "--max_new_tokens=8"])
-    engine = Scripted()
+    engine = Scripted(type("M", (), {"get_device": lambda self: torch.device("cpu")})(), tokenizer)
     (rows, masks, rewards), (_, _, rewards5) = chat_rl.rollouts(engine, tokenizer, Problems(), [4, 5], args, seed=0)
     assert engine.calls == [2]  # one batch for the two prompts
     assert rewards5 == [0.0, 1.0, 0.0, 0.0]  # problem 5's answer is 6: its rows were scored against it

@@ -143,22 +143,28 @@ def test_batched_sampling_reproducible(model, tokenizer):
 
 
 def test_several_prompts_decode_together_as_they_do_alone(model, tokenizer):
-    """generate_batch_many: prompts of one length share the prefill and every decode step; each row answers as its
-    prompt alone does, and the tool state machine runs per row."""
+    """generate_batch_many: prompts of one length share the prefill and every decode step (generate_batch_group);
+    each row answers as its prompt alone does, and the tool state machine runs per row."""
     engine = Engine(model, tokenizer)
     texts = ["The quick brown fox", "hello world, how are", "strawberry has three"]
     prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in texts]
     n = min(len(p) for p in prompts)
     prompts = [p[:n] for p in prompts]
     assert len({tuple(p) for p in prompts}) == 3
-    together, masks = engine.generate_batch_many(prompts, num_samples=2, max_tokens=16, temperature=0.0)
+    together, masks = engine.generate_batch_group(prompts, num_samples=2, max_tokens=16, temperature=0.0)
     assert len(together) == 6 and all(len(m) == len(r) for r, m in zip(together, masks))
     for i, prompt in enumerate(prompts):
         alone, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=16, temperature=0.0)
         # greedy: equal unless two logits tie within the last bits that batching may change (random weights: no)
         assert together[2 * i:2 * i + 2] == alone
     with pytest.raises(ValueError, match=r"the same length, got lengths \[4, 5\]"):
-        engine.generate_batch_many([prompts[0][:4], prompts[1][:5]])
+        engine.generate_batch_group([prompts[0][:4], prompts[1][:5]])
+    # any lengths: grouped by length, each prompt's rows as decoded in its group
+    mixed = [prompts[0], prompts[1][:-1], prompts[2]]
+    many = {i: rows for i, rows, _ in engine.generate_batch_many(mixed, num_samples=2, max_tokens=16,
+                                                                 temperature=0.0)}
+    assert many == {0: together[0:2], 1: engine.generate_batch(mixed[1], 2, max_tokens=16, temperature=0.0)[0],
+                    2: together[4:6]}
 
 
 def test_top_k_1_is_greedy(model, tokenizer):

@@ -431,13 +431,14 @@ def test_categorical_eval_of_tiny_model(hf_dir, tokenizer, model):
     assert partial == pytest.approx(expected_categorical_accuracy(task, tokenizer, model, 5))
 
 
-class ConstantEngine:
-    """Stands in for the Engine: every sample answers the same text."""
+class ConstantEngine(Engine):
+    """The Engine with its decoding replaced: every sample answers the same text."""
 
     def __init__(self, tokenizer, text):
-        self.tokenizer, self.text = tokenizer, text
+        super().__init__(None, tokenizer)
+        self.text = text
 
-    def generate_batch_many(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate_batch_group(self, prompts, num_samples=1, keep_end=False, **kwargs):
         results = [list(tokens) + self.tokenizer.encode(self.text) for tokens in prompts for _ in range(num_samples)]
         return results, [[0] * len(r) for r in results]
 
@@ -451,16 +452,17 @@ def test_generative_eval_scores_completions(hf_dir, tokenizer, model):
     assert 0.0 <= real <= 1.0
 
 
-class OracleEngine:
-    """Answers each prompt with its own problem's reference answer: a row given to the wrong problem fails."""
+class OracleEngine(Engine):
+    """The Engine with its decoding replaced: each prompt is answered with its own problem's reference answer, so a
+    row given to the wrong problem fails."""
 
     def __init__(self, tokenizer, task):
-        self.tokenizer = tokenizer  # the last part of an arithmetic answer is its text "\n#### <answer>"
+        super().__init__(None, tokenizer)  # the last part of an arithmetic answer is its text "\n#### <answer>"
         self.answers = {tuple(tokenizer.render_for_completion(task[i])): task[i]["messages"][-1]["content"][-1]["text"]
                         for i in range(len(task))}
         self.calls = []
 
-    def generate_batch_many(self, prompts, num_samples=1, **kwargs):
+    def generate_batch_group(self, prompts, num_samples=1, keep_end=False, **kwargs):
         self.calls.append(len(prompts))
         results = [list(p) + self.tokenizer.encode(self.answers[tuple(p)]) for p in prompts for _ in range(num_samples)]
         return results, [[0] * len(r) for r in results]
