@@ -213,47 +213,85 @@ def time_model_step(B, T, vocab_size, steps=3):
 # train: forward+backward and a full optimizer step, ours vs the transformers twin
 
 
-def training_fns(model, peer, x, y, device_type):
+def training_fns(model, peer, x, y, device_type, compile=False):
     """Forward+backward, and a full step (forward+backward, clip at 1.0, optimizer, zero grads), of ours (AdamW +
-    Muon, the trainer's optimizer_step) and of the peer (torch.optim.AdamW, as transformers users train)."""
+    Muon, the trainer's optimizer_step) and of the peer (torch.optim.AdamW, as transformers users train).
+    compile: torch.compile both models' forward+loss alike (the optimizers stay eager, as base_train's)."""
     from nanochat.trainer import optimizer_step
 
     optimizers = quiet(model.setup_optimizers)
     peer_adamw = torch.optim.AdamW(peer.parameters(), lr=1e-4)
 
+    def peer_loss(x, y):  # the same loss as ours: cross-entropy of every position against its own target
+        return F.cross_entropy(peer(input_ids=x, use_cache=False).logits.flatten(0, 1).float(), y.flatten())
+
+    ours_loss = torch.compile(model) if compile else model
+    peer_loss = torch.compile(peer_loss) if compile else peer_loss
+
     def ours_fwdbwd():
         with autocast_ctx(device_type):
-            loss = model(x, y)
+            loss = ours_loss(x, y)
         loss.backward()
 
-    def peer_fwdbwd():  # the same loss as ours: cross-entropy of every position against its own target
+    def peer_fwdbwd():
         with autocast_ctx(device_type):
-            logits = peer(input_ids=x, use_cache=False).logits
-        F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).backward()
+            loss = peer_loss(x, y)
+        loss.backward()
 
-    def peer_step():
-        peer_fwdbwd()
+    def peer_update():
         torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
         peer_adamw.step()
         peer.zero_grad(set_to_none=True)
 
+    def step_timer(fwdbwd, update):
+        """{"s": the whole step, "update_s": its clip + optimizer + zero grads part}"""
+        def timed():
+            synchronize(device_type)
+            t0 = time.perf_counter()
+            fwdbwd()
+            synchronize(device_type)
+            t1 = time.perf_counter()
+            update()
+            synchronize(device_type)
+            t2 = time.perf_counter()
+            return {"s": t2 - t0, "update_s": t2 - t1}
+        return timed
+
     return {
         "ours_fwdbwd": timer(lambda: (ours_fwdbwd(), model.zero_grad(set_to_none=True)), device_type),
         "peer_fwdbwd": timer(lambda: (peer_fwdbwd(), peer.zero_grad(set_to_none=True)), device_type),
-        "ours_step": timer(lambda: (ours_fwdbwd(), optimizer_step(model, optimizers, 1.0, 0.95, 1.0)), device_type),
-        "peer_step": timer(peer_step, device_type),
+        "ours_step": step_timer(ours_fwdbwd, lambda: optimizer_step(model, optimizers, 1.0, 0.95, 1.0)),
+        "peer_step": step_timer(peer_fwdbwd, peer_update),
     }
+
+
+def matmul_share(fn, device_type, rounds=2):
+    """(ms per call, ms of it in matrix multiplications) of fn, from torch.profiler's self times (the device's on
+    CUDA). The time outside the matmuls bounds what any rewrite of the same matmuls can gain: total / matmul."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    fn()
+    with profile(activities=activities) as prof:
+        for _ in range(rounds):
+            fn()
+    key = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    total = sum(getattr(e, key) for e in events)
+    mm = sum(getattr(e, key) for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
+    return total / rounds / 1e3, mm / rounds / 1e3
 
 
 def cmd_train(args):
     device_type = setup(args)
     B, T = args.batch_size, args.seq_len
     shapes = dict(depth=args.depth, batch_size=B, seq_len=T, vocab_size=args.vocab_size, head_dim=args.head_dim,
-                  activation_checkpointing=args.activation_checkpointing)
+                  activation_checkpointing=args.activation_checkpointing, compile=args.compile)
     results = {"shapes": shapes, "env": environment(args, device_type)}
     print(f"train: d{args.depth}, batch {B} x seq {T}, vocab {args.vocab_size}, {device_type} "
           f"({'bf16 autocast' if device_type == 'cuda' else 'fp32'}), {torch.get_num_threads()} threads, "
-          f"median of {args.n}" + (", activation checkpointing" if args.activation_checkpointing else ""))
+          f"median of {args.n}" + (", activation checkpointing" if args.activation_checkpointing else "")
+          + (", both compiled" if args.compile else ""))
     rows = []
     for model_type in MODEL_TYPES:
         model = make_model(model_type, args, T, device_type).train()
@@ -271,21 +309,33 @@ def cmd_train(args):
             ours_loss = model(x, y).item()
             peer_loss = F.cross_entropy(peer(input_ids=x, use_cache=False).logits.flatten(0, 1).float(),
                                         y.flatten()).item()
-        t = alternate(training_fns(model, peer, x, y, device_type), args.n)
+        fns = training_fns(model, peer, x, y, device_type, args.compile)
+        t = alternate(fns, args.n)
         figures = {side: {"fwdbwd_tok_s": B * T / t[f"{side}_fwdbwd"]["s"],
                           "step_tok_s": B * T / t[f"{side}_step"]["s"],
-                          "fwdbwd_ms": 1e3 * t[f"{side}_fwdbwd"]["s"], "step_ms": 1e3 * t[f"{side}_step"]["s"]}
+                          "fwdbwd_ms": 1e3 * t[f"{side}_fwdbwd"]["s"], "step_ms": 1e3 * t[f"{side}_step"]["s"],
+                          "optimizer_ms": 1e3 * t[f"{side}_step"]["update_s"]}
                    for side in ("ours", "peer")}
+        if args.profile:  # where forward+backward's time goes: matmuls or the rest
+            for side in ("ours", "peer"):
+                total, mm = matmul_share(fns[f"{side}_fwdbwd"], device_type)
+                figures[side].update(profiled_ms=total, matmul_ms=mm, matmul_share=mm / total)
         results[model_type] = dict(compare(figures["ours"], figures["peer"]), peer_class=type(peer).__name__,
                                    loss_diff=abs(ours_loss - peer_loss), flops_per_token=model.estimate_flops())
         r = results[model_type]
         for side in ("ours", "peer"):
             name = f"{model_type} {'ours' if side == 'ours' else type(peer).__name__}"
+            ratios = [fmt(r["ratio"][k], ".2f") if side == "ours" else "" for k in ("fwdbwd_tok_s", "step_tok_s")]
+            share = [fmt(100 * r[side]["matmul_share"], ".0f") + "%"] if args.profile else []
             rows.append([name, fmt(r[side]["fwdbwd_tok_s"], ",.0f"), fmt(r[side]["step_tok_s"], ",.0f"),
-                         fmt(r[side]["step_ms"]), fmt(r["ratio"]["step_tok_s"], ".2f") if side == "ours" else ""])
-    print_table(["model", "fwd+bwd tok/s", "step tok/s", "step ms", "ours/peer (step)"], rows)
-    print("step: forward+backward, grad clip, optimizer (ours AdamW+Muon, peer torch AdamW), zero grads; "
-          "loss_diff in the JSON: |our loss - peer loss| on the same batch")
+                         fmt(r[side]["optimizer_ms"]), *ratios, *share])
+    print_table(["model", "fwd+bwd tok/s", "step tok/s", "optimizer ms", "ours/peer fwd+bwd", "ours/peer step"]
+                + (["matmul share"] if args.profile else []), rows)
+    print("step: forward+backward, grad clip, optimizer (ours AdamW+Muon, peer torch AdamW), zero grads; optimizer "
+          "ms: the step's clip, optimizer and zero grads; loss_diff in the JSON: |our loss - peer loss| on one batch")
+    if args.profile:
+        print("matmul share: of forward+backward's profiled time, in mm/addmm/bmm; both sides run the same matmuls, "
+              "so no rewrite of them beats the peer by more than its time / its matmul time")
     write_results(args, "train", results)
     return results
 
@@ -430,13 +480,16 @@ def cmd_decode(args):
     torch.manual_seed(0)
     prompt = torch.randint(0, args.vocab_size, (args.prompt_len,)).tolist()
     shapes = dict(depth=args.depth, vocab_size=args.vocab_size, head_dim=args.head_dim, prompt_len=args.prompt_len,
-                  max_tokens=args.max_tokens, batch_sizes=args.batch_sizes)
+                  max_tokens=args.max_tokens, batch_sizes=args.batch_sizes, compile=args.compile)
     results = {"shapes": shapes, "env": environment(args, device_type)}
     print(f"decode: d{args.depth}, vocab {args.vocab_size}, prompt {args.prompt_len}, {args.max_tokens} new tokens, "
-          f"greedy, {device_type}, {torch.get_num_threads()} threads, median of {args.n}")
+          f"greedy, {device_type}, {torch.get_num_threads()} threads, median of {args.n}"
+          + (", ours with compile_decode() (the peer eager)" if args.compile else ""))
     for model_type in MODEL_TYPES:
         model = make_model(model_type, args, args.prompt_len + args.max_tokens, device_type).eval()
         peer, why = twin(model)
+        if args.compile:  # after the twin is made: compile_decode freezes the weights on CPU
+            model.compile_decode()
         if peer is None:
             print(f"{model_type}: no transformers twin ({why})")
         results[model_type] = decode_rows(model_type, model, peer, prompt, args, device_type, args.batch_sizes,
@@ -483,6 +536,8 @@ def cmd_infer(args):
     device_type = setup(args)
     model, tokenizer, meta = load_model(args.source, device=device_type, model_tag=args.model_tag, step=args.step)
     model.eval()
+    if args.compile:
+        model.compile_decode()
     text = "The history of the city begins with a small settlement on the river, where traders met to exchange "
     prompt = (tokenizer.encode(text, prepend=tokenizer.get_bos_token_id()) * args.prompt_len)[:args.prompt_len]
     context = model.config.sequence_len
@@ -494,10 +549,11 @@ def cmd_infer(args):
         print(f"no transformers twin ({why}): ours only")
     model_type = model.model_type
     print(f"infer: {args.source}/{meta['model_tag']} ({model_type}), prompt {len(prompt)}, {args.max_tokens} new "
-          f"tokens, batch sizes {args.batch_sizes}, {device_type}, median of {args.n}")
+          f"tokens, batch sizes {args.batch_sizes}, {device_type}, median of {args.n}"
+          + (", ours with compile_decode()" if args.compile else ""))
     shapes = dict(source=args.source, model_tag=meta["model_tag"], step=meta.get("step"), model_type=model_type,
                   config=dataclasses.asdict(model.config), prompt_len=len(prompt), max_tokens=args.max_tokens,
-                  batch_sizes=args.batch_sizes)
+                  batch_sizes=args.batch_sizes, compile=args.compile)
     results = {"shapes": shapes, "env": environment(args, device_type)}
     results[model_type] = decode_rows(model_type, model, peer, prompt, args, device_type, args.batch_sizes,
                                       tokenizer.get_vocab_size())
@@ -713,6 +769,10 @@ def build_parser():
     shape_args(p, 4)
     p.add_argument("--activation_checkpointing", type=str2bool, nargs="?", const=True, default=False,
                    help="checkpoint every block (ours) and gradient_checkpointing_enable (peer)")
+    p.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
+                   help="torch.compile ours and the peer alike (compilation takes ~20 s per model on CPU)")
+    p.add_argument("--profile", type=str2bool, nargs="?", const=True, default=False,
+                   help="also profile forward+backward: the share of its time in matmuls, on both sides")
     p.set_defaults(func=cmd_train)
 
     def decode_args(p, batch_sizes):
@@ -720,6 +780,8 @@ def build_parser():
         p.add_argument("--max_tokens", type=int, default=64, help="new tokens per row")
         p.add_argument("--batch_sizes", type=int, nargs="+", default=batch_sizes, help="rows decoded together")
         p.add_argument("--skip_no_cache", action="store_true", help="leave out our model without its KV cache")
+        p.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
+                       help="ours with model.compile_decode() (compilation excluded: each batch size warms up first)")
 
     # decode: one token at a time is too little work for two threads, and idle threads slow it on a busy machine
     p = sub.add_parser("decode", parents=common(n=3, threads=1), help="prefill and per-token time vs transformers")

@@ -32,14 +32,19 @@ def test_params_lists_every_preset(tmp_path):
 
 def test_train_compares_with_the_transformers_twin(tmp_path):
     pytest.importorskip("transformers")
-    bench.main(["train", *TINY, "--seq_len=16", "--batch_size=2", f"--out={tmp_path}"])
+    bench.main(["train", *TINY, "--seq_len=16", "--batch_size=2", "--profile", f"--out={tmp_path}"])
     data = read(tmp_path, "train")
     assert data["shapes"] == dict(depth=1, batch_size=2, seq_len=16, vocab_size=64, head_dim=32,
-                                  activation_checkpointing=False)
+                                  activation_checkpointing=False, compile=False)
     for t in MODEL_TYPES:
-        assert set(data[t]["ours"]) == {"fwdbwd_tok_s", "step_tok_s", "fwdbwd_ms", "step_ms"}
+        assert set(data[t]["ours"]) == {"fwdbwd_tok_s", "step_tok_s", "fwdbwd_ms", "step_ms", "optimizer_ms",
+                                        "profiled_ms", "matmul_ms", "matmul_share"}
         assert_comparison(data[t])
         assert data[t]["loss_diff"] < 1e-4  # the same weights: the twin computes the same loss
+        for side in ("ours", "peer"):
+            f = data[t][side]
+            assert 0 < f["optimizer_ms"] < f["step_ms"]  # timed inside the same step
+            assert 0 < f["matmul_ms"] < f["profiled_ms"] and f["matmul_share"] == f["matmul_ms"] / f["profiled_ms"]
 
 
 def test_decode_reports_prefill_and_per_token_time(tmp_path):

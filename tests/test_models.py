@@ -205,8 +205,14 @@ def test_compiled_decode_matches_eager(model_type):
     model = make_model(model_type)
     idx = tokens(1, 12, seed=5)
     eager = list(model.generate(idx[0].tolist(), 6, temperature=0.0))
-    compiled = list(make_model(model_type).compile_decode().generate(idx[0].tolist(), 6, temperature=0.0))
+    model = make_model(model_type).compile_decode()
+    compiled = list(model.generate(idx[0].tolist(), 6, temperature=0.0))
     assert compiled == eager
+    # on CPU the weights are frozen into the compiled step: once they change, decoding refuses to go on with them
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="weights changed after compile_decode"):
+        list(model.generate(idx[0].tolist(), 6, temperature=0.0))
 
 
 def test_kv_cache_overflow_and_shape_errors():

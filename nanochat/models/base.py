@@ -125,25 +125,31 @@ class Rotary(nn.Module):
 
 class KVCache:
     """
-    Keys and values of every layer, preallocated as one (num_layers, 2, B, H_kv, T_max, D) tensor.
-    insert_kv() writes the new positions and returns views up to them; pos advances after the last layer,
-    so all layers of one forward pass write at the same offset. With dtype/device None the buffer is allocated
-    on the first insert, in the dtype and on the device of the keys (bf16 under CUDA autocast, fp32 on CPU).
+    Keys and values of every layer, preallocated: one (B, H_kv, T_max, D) key tensor and one value tensor per layer
+    (separate tensors, not views of one: a compiled decode step then writes each in place, where a view of a
+    shared buffer makes inductor copy the whole buffer every step). insert_kv() writes the new positions and
+    returns views up to them; pos advances after the last layer, so all layers of one forward pass write at the
+    same offset. With dtype/device None the tensors are allocated on the first insert, in the dtype and on the
+    device of the keys (bf16 under CUDA autocast, fp32 on CPU).
     In a fixed-shape decode step (BaseLM.decode) step_pos holds the position as a (1,) tensor: the new token is
-    written there with index_copy_, get_pos() returns that tensor, insert_kv() returns the whole buffer and
-    attn_mask says which of its slots are filled, so the step's shapes never change (as gpt-fast's cache).
+    written there with index_copy_, get_pos() returns that tensor, insert_kv() returns the whole tensors and
+    attn_mask says which of their slots are filled, so the step's shapes never change (as gpt-fast's cache).
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device=None, dtype=None):
         self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
-        self.kv = None
+        self.layers = None  # [(k, v)] per layer, each (B, H_kv, T_max, D)
         if device is not None and dtype is not None:
-            self.kv = torch.zeros(self.shape, device=device, dtype=dtype)
+            self._allocate(device, dtype)
         self.device, self.dtype = device, dtype
         self.pos = 0
         self.step_pos = None  # a (1,) long tensor during a fixed-shape decode step, else None
         self.slots = None  # arange(T_max) on the device, for attn_mask
-        self._static = None  # the buffer last marked static for CUDA graphs
+        self._static = None  # the tensors last marked static for CUDA graphs
+
+    def _allocate(self, device, dtype):
+        L, _, B, H, T, D = self.shape
+        self.layers = [tuple(torch.zeros(B, H, T, D, device=device, dtype=dtype) for _ in range(2)) for _ in range(L)]
 
     @property
     def batch_size(self):
@@ -152,6 +158,12 @@ class KVCache:
     @property
     def seq_len(self):
         return self.shape[4]
+
+    @property
+    def kv(self):
+        """Every key and value as one (num_layers, 2, B, H_kv, T_max, D) tensor, a copy (None before the first
+        insert)."""
+        return None if self.layers is None else torch.stack([torch.stack(kv) for kv in self.layers])
 
     def reset(self):
         self.pos = 0
@@ -167,20 +179,21 @@ class KVCache:
     def begin_step(self):
         """Enter a fixed-shape decode step at pos (BaseLM.decode). The position tensor is reused and updated in
         place, so a compiled step (or a CUDA graph) always reads it from the same memory."""
-        if self.kv is None:
+        if self.layers is None:
             raise RuntimeError("a fixed-shape decode step needs a filled KV cache: prefill the prompt first")
         if self.pos >= self.seq_len:
             raise RuntimeError(f"KV cache overflow: all seq_len={self.seq_len} positions are taken; create the "
                                f"cache with a larger seq_len (prompt length + max new tokens)")
-        if self.slots is None or self.slots.device != self.kv.device:
-            self.slots = torch.arange(self.seq_len, device=self.kv.device).unsqueeze(0)  # (Tq=1, T_max)
-            self._pos = torch.zeros(1, dtype=torch.long, device=self.kv.device)
-            self._mask = torch.zeros(1, self.seq_len, dtype=torch.bool, device=self.kv.device)
-        if self.kv.is_cuda and self._static is not self.kv:
+        device = self.layers[0][0].device
+        if self.slots is None or self.slots.device != device:
+            self.slots = torch.arange(self.seq_len, device=device).unsqueeze(0)  # (Tq=1, T_max)
+            self._pos = torch.zeros(1, dtype=torch.long, device=device)
+            self._mask = torch.zeros(1, self.seq_len, dtype=torch.bool, device=device)
+        if device.type == "cuda" and self._static is not self.layers:
             # a CUDA graph may then update these in place (gpt-fast keeps its cache as module buffers for this)
-            for t in (self.kv, self._pos, self._mask):
+            for t in [t for kv in self.layers for t in kv] + [self._pos, self._mask]:
                 torch._dynamo.mark_static_address(t)
-            self._static = self.kv
+            self._static = self.layers
         self._pos.fill_(self.pos)
         torch.le(self.slots, self.pos, out=self._mask)  # once per step, shared by all layers
         self.step_pos = self._pos
@@ -190,12 +203,13 @@ class KVCache:
         self.pos += 1
 
     def insert_kv(self, layer_idx, k, v):
-        """k, v: (B, H_kv, T_new, D). Returns (k_all, v_all) of shape (B, H_kv, pos + T_new, D), or of the whole
-        buffer (B, H_kv, T_max, D) in a fixed-shape decode step."""
+        """k, v: (B, H_kv, T_new, D). Returns (k_all, v_all) of shape (B, H_kv, pos + T_new, D), or the whole
+        tensors (B, H_kv, T_max, D) in a fixed-shape decode step."""
         if self.step_pos is not None:
-            self.kv[layer_idx, 0].index_copy_(2, self.step_pos, k.to(self.kv.dtype))
-            self.kv[layer_idx, 1].index_copy_(2, self.step_pos, v.to(self.kv.dtype))
-            return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+            k_all, v_all = self.layers[layer_idx]
+            k_all.index_copy_(2, self.step_pos, k.to(k_all.dtype))
+            v_all.index_copy_(2, self.step_pos, v.to(v_all.dtype))
+            return k_all, v_all
         B, H, T_new, D = k.shape
         _, _, B0, H0, T_max, D0 = self.shape
         if (B, H, D) != (B0, H0, D0):
@@ -205,13 +219,14 @@ class KVCache:
         if t1 > T_max:
             raise RuntimeError(f"KV cache overflow: {t0} cached + {T_new} new positions > seq_len={T_max}; "
                                f"create the cache with a larger seq_len (prompt length + max new tokens)")
-        if self.kv is None:
-            self.kv = torch.zeros(self.shape, device=self.device or k.device, dtype=self.dtype or k.dtype)
-        self.kv[layer_idx, 0, :, :, t0:t1] = k
-        self.kv[layer_idx, 1, :, :, t0:t1] = v
+        if self.layers is None:
+            self._allocate(self.device or k.device, self.dtype or k.dtype)
+        k_all, v_all = self.layers[layer_idx]
+        k_all[:, :, t0:t1] = k
+        v_all[:, :, t0:t1] = v
         if layer_idx == self.shape[0] - 1:
             self.pos = t1
-        return self.kv[layer_idx, 0, :, :, :t1], self.kv[layer_idx, 1, :, :, :t1]
+        return k_all[:, :, :t1], v_all[:, :, :t1]
 
     def expand(self, batch_size):
         """After the prefill of B prompts, repeat each row batch_size // B times, in place (to sample several
@@ -224,10 +239,12 @@ class KVCache:
                              f"batch_size={batch_size} is not a multiple of {B}")
         L, two, _, H, T_max, D = self.shape
         self.shape = (L, two, batch_size, H, T_max, D)
-        if self.kv is not None:
-            new = torch.zeros(self.shape, device=self.kv.device, dtype=self.kv.dtype)
-            new[:, :, :, :, :self.pos] = self.kv[:, :, :, :, :self.pos].repeat_interleave(batch_size // B, dim=2)
-            self.kv = new
+        if self.layers is not None:
+            def grown(t):
+                new = t.new_zeros(batch_size, H, T_max, D)
+                new[:, :, :self.pos] = t[:, :, :self.pos].repeat_interleave(batch_size // B, dim=0)
+                return new
+            self.layers = [(grown(k), grown(v)) for k, v in self.layers]
         return self
 
 
@@ -312,7 +329,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, softcap, chunk_size=1024):
+    def forward(ctx, x, weight, targets, softcap, chunk_size=512):
         if torch.is_autocast_enabled(x.device.type):  # the lm_head's matmul dtype, as the unfused path
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
@@ -324,25 +341,38 @@ class LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
             for i in range(0, x.size(0), chunk_size):
                 xs, ts = x[i:i + chunk_size].to(dtype), targets[i:i + chunk_size]
-                logits = (xs @ w.T).float()
-                if softcap:
-                    tanh = torch.tanh(logits / softcap)
-                    logits = softcap * tanh
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                keep = (ts != -1).unsqueeze(1)
-                safe = ts.clamp(min=0).unsqueeze(1)
-                loss += ((lse - logits.gather(1, safe)) * keep).sum()
-                # d loss / d logits = softmax - one_hot(target), 0 on ignored rows; then through the softcap
-                g = logits.sub_(lse).exp_()
-                g.scatter_add_(1, safe, torch.full_like(lse, -1.0))
-                g.mul_(keep)
-                if softcap:
-                    g.mul_(1 - tanh.square_())
-                g = g.to(dtype)
+                g = LinearCrossEntropy.chunk(xs, w, ts, softcap, loss)
                 grad_x[i:i + chunk_size] = g @ w
                 grad_w += g.T @ xs  # accumulated in fp32 across the chunks
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         return loss
+
+    @staticmethod
+    def chunk(xs, w, ts, softcap, loss):
+        """Adds the chunk's summed loss to `loss`; returns d loss / d logits (in w's dtype). Every pass over the
+        (rows, V) logits is in place, on chunks small enough to stay in cache: on CPU these elementwise passes cost
+        as much as the chunk's matmuls."""
+        logits = (xs @ w.T).float()
+        if softcap:
+            # c * tanh(z / c) = 2c * sigmoid(2z / c) - c, and its derivative 1 - tanh^2 = 4 s (1 - s): ATen's CPU
+            # sigmoid is ~8x faster than its tanh; the two forms differ by ~1e-7 relative
+            s = logits.mul_(2 / softcap).sigmoid_()
+            logits = s.mul(2 * softcap).sub_(softcap)
+        keep = (ts != -1).unsqueeze(1)
+        safe = ts.clamp(min=0).unsqueeze(1)
+        target_logits = logits.gather(1, safe)
+        peak = logits.amax(dim=1, keepdim=True)
+        e = logits.sub_(peak).exp_()  # the logits are not needed after this: reuse their memory
+        total = e.sum(dim=1, keepdim=True)
+        loss += ((peak + total.log() - target_logits) * keep).sum()
+        # d loss / d logits = softmax - one_hot(target), 0 on ignored rows, then through the softcap; the
+        # softcap's factor 4 and the rows' keep go in the one scale per row
+        scale = keep / total * (4 if softcap else 1)
+        g = e.mul_(scale)
+        g.scatter_add_(1, safe, -scale * total)
+        if softcap:
+            g.mul_(s.addcmul_(s, s, value=-1))  # s (1 - s), in s's memory
+        return g.to(xs.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -429,6 +459,10 @@ class BaseLM(nn.Module):
         a fixed-shape step (KVCache.begin_step): every call has the same shapes, so it is compiled once."""
         if self._compiled_step is None:
             return self.forward(ids, kv_cache=kv_cache)[:, -1]
+        if self._frozen_versions is not None and self._frozen_versions != self._param_versions():
+            raise RuntimeError("the weights changed after compile_decode() froze them into the compiled CPU decode "
+                               "step, which would keep decoding with the old ones; decode without compile_decode(), "
+                               "or load the new weights in a fresh process and compile again")
         kv_cache.begin_step()
         try:
             logits = self._compiled_step(ids, kv_cache)
@@ -440,15 +474,29 @@ class BaseLM(nn.Module):
     def _fixed_shape_step(self, ids, kv_cache):
         return self.forward(ids, kv_cache=kv_cache)[:, -1]
 
+    _frozen_versions = None
+
+    def _param_versions(self):
+        return [p._version for p in self.parameters()]  # every in-place change of a tensor bumps its version
+
     def compile_decode(self, backend="inductor"):
         """torch.compile the one-token decode step (as gpt-fast): on CUDA with CUDA graphs (mode reduce-overhead),
-        which removes the per-kernel launch cost that dominates small batches; on CPU inductor's fused C++.
-        The first steps pay the compilation, and again when the cache is expanded to more rows.
+        which removes the per-kernel launch cost that dominates small batches; on CPU with inductor's freezing,
+        which folds the weights into the compiled step as constants and prepacks them for oneDNN (d4, batch 1:
+        1.05-1.45x the eager step; docs/benchmarks.md). Frozen weights cannot change afterwards: decode() refuses
+        once they have. The first steps pay the compilation, and again when the cache is expanded to more rows.
         backend="eager" only captures the graph (tests). Returns the model."""
         if self.fixed_shape_decode:
-            mode = "reduce-overhead" if backend == "inductor" and self.get_device().type == "cuda" else None
-            self._compiled_step = torch.compile(self._fixed_shape_step, backend=backend, mode=mode, fullgraph=True,
-                                                dynamic=False)
+            device = self.get_device().type
+            inductor = backend == "inductor"
+            kwargs = {}
+            if inductor and device == "cuda":
+                kwargs["mode"] = "reduce-overhead"
+            elif inductor and device == "cpu":
+                kwargs["options"] = {"freezing": True}
+                self._frozen_versions = self._param_versions()
+            self._compiled_step = torch.compile(self._fixed_shape_step, backend=backend, fullgraph=True,
+                                                dynamic=False, **kwargs)
         return self
 
     def make_kv_cache(self, batch_size, seq_len, device=None, dtype=None):
