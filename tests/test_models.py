@@ -719,3 +719,18 @@ def test_activation_checkpointing_keeps_the_gradients(model_type):
         grads[on] = [p.grad.clone() for p in model.parameters()]
     assert len(saved[True]) < len(saved[False])  # the blocks kept nothing for backward: it did checkpoint
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(grads[False], grads[True]))
+
+
+def test_relu_squared_matches_autograd_bit_for_bit():
+    # the fused backward (grad * 2 relu(x)) must give exactly autograd's relu -> square gradient, zeros included
+    from nanochat.models.base import relu_squared
+
+    x = torch.randn(4, 33, generator=torch.Generator().manual_seed(0))
+    x[0, :5] = 0.0
+    grad = torch.randn(4, 33, generator=torch.Generator().manual_seed(1))
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    F.relu(a).square().backward(grad)
+    relu_squared(b).backward(grad)
+    assert torch.equal(relu_squared(x), F.relu(x).square())
+    assert torch.equal(a.grad, b.grad)
+    assert torch.autograd.gradcheck(relu_squared, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))

@@ -27,6 +27,7 @@ from nanochat.models.base import (
     embedding,
     fused_linear,
     heads_for_width,
+    relu_squared,
 )
 
 NORM_TYPES = ("rmsnorm", "layernorm")
@@ -211,7 +212,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.mlp_type == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.relu(self.up_proj(x)).square())
+        return self.down_proj(relu_squared(self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

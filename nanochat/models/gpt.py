@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanochat.models.base import (
     BaseLM,
@@ -27,6 +26,7 @@ from nanochat.models.base import (
     fused_linear,
     heads_for_width,
     norm,
+    relu_squared,
 )
 
 SOFTCAP = 15  # logits are squashed smoothly into [-15, 15], which keeps early training stable (as nanochat)
@@ -143,7 +143,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):
