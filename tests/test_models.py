@@ -161,11 +161,12 @@ def test_kv_cache_expand_after_batch1_prefill(model_type):
     with torch.no_grad():
         cache = model.make_kv_cache(1, 16)
         model(prompt, kv_cache=cache)
-        before = cache.kv[:, :, :, :, :10].clone()
+        before = [t[:, :, :10].clone() for kv in cache.layers for t in kv]
         assert cache.expand(3) is cache
         assert cache.batch_size == 3 and cache.pos == 10
         for row in range(3):  # every row holds the prefilled prefix
-            torch.testing.assert_close(cache.kv[:, :, row:row + 1, :, :10], before, atol=0, rtol=0)
+            for t, b in zip([t for kv in cache.layers for t in kv], before, strict=True):
+                torch.testing.assert_close(t[row:row + 1, :, :10], b, atol=0, rtol=0)
         step = model(nxt, kv_cache=cache)[:, -1]
         ref = torch.stack([model(torch.cat([prompt, nxt[r:r + 1]], dim=1))[0, -1] for r in range(3)])
     # Rows of one batch are equal up to fp32 rounding, not bitwise: a GEMM may give rows to different threads or

@@ -184,12 +184,6 @@ class KVCache:
     def seq_len(self):
         return self.shape[4]
 
-    @property
-    def kv(self):
-        """Every key and value as one (num_layers, 2, B, H_kv, T_max, D) tensor, a copy (None before the first
-        insert)."""
-        return None if self.layers is None else torch.stack([torch.stack(kv) for kv in self.layers])
-
     def reset(self):
         self.pos = 0
 
@@ -354,7 +348,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, softcap, chunk_size=512):
+    def forward(ctx, x, weight, targets, softcap, chunk_size=None):
+        if chunk_size is None:  # CPU: chunks that stay in cache; GPU: fewer kernels (and a smaller compiled graph)
+            chunk_size = 512 if x.device.type == "cpu" else 1024
         if torch.is_autocast_enabled(x.device.type):  # the lm_head's matmul dtype, as the unfused path
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
