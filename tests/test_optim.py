@@ -82,6 +82,26 @@ def test_newtonschulz_steps_improve():
     assert err[0] > err[1] > err[2]
 
 
+@pytest.mark.parametrize("coeffs", ["newton_schulz", "polar_express"])
+def test_gram_iteration_equals_the_plain_one(coeffs):
+    # fp32 wide matrices (n >= 2m) iterate on their m x m Gram matrix: the same polynomial of X. In fp64 the two
+    # agree to ~1e-12; in fp32 an ill-conditioned input amplifies the Gram form's rounding to ~1e-4 of the result
+    # (plain: ~4e-6), far below the bf16 iteration's ~1e-2 that GPUs use; a wrong recurrence is off by O(1)
+    from nanochat.optim import NEWTON_SCHULZ_COEFFS, POLAR_EXPRESS_COEFFS, _gram_iteration, _plain_iteration
+
+    schedule = [NEWTON_SCHULZ_COEFFS] * 5 if coeffs == "newton_schulz" else list(POLAR_EXPRESS_COEFFS)
+    for G in (_spread_matrix(3, 24, 96, cond=100.0, seed=11), torch.randn(2, 16, 32)):
+        X = (G / (G.norm(dim=(-2, -1), keepdim=True) * 1.01)).double()
+        for steps in (1, 2, 5):
+            exact = _plain_iteration(X, schedule[:steps])
+            torch.testing.assert_close(_gram_iteration(X, schedule[:steps]), exact, atol=1e-10, rtol=1e-10)
+            rel = (_gram_iteration(X.float(), schedule[:steps]).double() - exact).norm() / exact.norm()
+            assert rel < 1e-3, rel.item()
+    # the public functions take the Gram form for a wide or tall fp32 matrix: still the polar factor
+    G = _spread_matrix(96, 24, cond=100.0, seed=12)
+    assert (_cosine(zeropower_via_polar_express(G), _polar(G)) > 0.98).all()
+
+
 # -----------------------------------------------------------------------------
 # Polar Express
 
