@@ -49,15 +49,21 @@ def alternate(fns, n):
     return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
 
 
-def timer(fn, device_type):
-    """fn as a dict of figures: {"s": seconds it took}."""
+def timer(fn, device_type, then=None):
+    """fn as a dict of figures: {"s": seconds it took}. With `then`: fn, then `then`, and "then_s": then's part."""
 
     def timed():
         synchronize(device_type)
         t0 = time.perf_counter()
         fn()
         synchronize(device_type)
-        return {"s": time.perf_counter() - t0}
+        t1 = time.perf_counter()
+        if then is None:
+            return {"s": t1 - t0}
+        then()
+        synchronize(device_type)
+        t2 = time.perf_counter()
+        return {"s": t2 - t0, "then_s": t2 - t1}
 
     return timed
 
@@ -225,43 +231,27 @@ def training_fns(model, peer, x, y, device_type, compile=False):
     def peer_loss(x, y):  # the same loss as ours: cross-entropy of every position against its own target
         return F.cross_entropy(peer(input_ids=x, use_cache=False).logits.flatten(0, 1).float(), y.flatten())
 
-    ours_loss = torch.compile(model) if compile else model
-    peer_loss = torch.compile(peer_loss) if compile else peer_loss
+    def fwdbwd(loss_fn):
+        loss_fn = torch.compile(loss_fn) if compile else loss_fn
 
-    def ours_fwdbwd():
-        with autocast_ctx(device_type):
-            loss = ours_loss(x, y)
-        loss.backward()
+        def run():
+            with autocast_ctx(device_type):
+                loss = loss_fn(x, y)
+            loss.backward()
+        return run
 
-    def peer_fwdbwd():
-        with autocast_ctx(device_type):
-            loss = peer_loss(x, y)
-        loss.backward()
+    ours_fwdbwd, peer_fwdbwd = fwdbwd(model), fwdbwd(peer_loss)
 
     def peer_update():
         torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
         peer_adamw.step()
         peer.zero_grad(set_to_none=True)
 
-    def step_timer(fwdbwd, update):
-        """{"s": the whole step, "update_s": its clip + optimizer + zero grads part}"""
-        def timed():
-            synchronize(device_type)
-            t0 = time.perf_counter()
-            fwdbwd()
-            synchronize(device_type)
-            t1 = time.perf_counter()
-            update()
-            synchronize(device_type)
-            t2 = time.perf_counter()
-            return {"s": t2 - t0, "update_s": t2 - t1}
-        return timed
-
     return {
         "ours_fwdbwd": timer(lambda: (ours_fwdbwd(), model.zero_grad(set_to_none=True)), device_type),
         "peer_fwdbwd": timer(lambda: (peer_fwdbwd(), peer.zero_grad(set_to_none=True)), device_type),
-        "ours_step": step_timer(ours_fwdbwd, lambda: optimizer_step(model, optimizers, 1.0, 0.95, 1.0)),
-        "peer_step": step_timer(peer_fwdbwd, peer_update),
+        "ours_step": timer(ours_fwdbwd, device_type, then=lambda: optimizer_step(model, optimizers, 1.0, 0.95, 1.0)),
+        "peer_step": timer(peer_fwdbwd, device_type, then=peer_update),
     }
 
 
@@ -314,7 +304,7 @@ def cmd_train(args):
         figures = {side: {"fwdbwd_tok_s": B * T / t[f"{side}_fwdbwd"]["s"],
                           "step_tok_s": B * T / t[f"{side}_step"]["s"],
                           "fwdbwd_ms": 1e3 * t[f"{side}_fwdbwd"]["s"], "step_ms": 1e3 * t[f"{side}_step"]["s"],
-                          "optimizer_ms": 1e3 * t[f"{side}_step"]["update_s"]}
+                          "optimizer_ms": 1e3 * t[f"{side}_step"]["then_s"]}
                    for side in ("ours", "peer")}
         if args.profile:  # where forward+backward's time goes: matmuls or the rest
             for side in ("ours", "peer"):
