@@ -219,6 +219,11 @@ def time_model_step(B, T, vocab_size, steps=3):
 # train: forward+backward and a full optimizer step, ours vs the transformers twin
 
 
+def peer_loss(peer, x, y):
+    """The peer's loss as ours computes it: cross-entropy of every position against its own target."""
+    return F.cross_entropy(peer(input_ids=x, use_cache=False).logits.flatten(0, 1).float(), y.flatten())
+
+
 def training_fns(model, peer, x, y, device_type, compile=False):
     """Forward+backward, and a full step (forward+backward, clip at 1.0, optimizer, zero grads), of ours (AdamW +
     Muon, the trainer's optimizer_step) and of the peer (torch.optim.AdamW, as transformers users train).
@@ -227,9 +232,6 @@ def training_fns(model, peer, x, y, device_type, compile=False):
 
     optimizers = quiet(model.setup_optimizers)
     peer_adamw = torch.optim.AdamW(peer.parameters(), lr=1e-4)
-
-    def peer_loss(x, y):  # the same loss as ours: cross-entropy of every position against its own target
-        return F.cross_entropy(peer(input_ids=x, use_cache=False).logits.flatten(0, 1).float(), y.flatten())
 
     def fwdbwd(loss_fn):
         loss_fn = torch.compile(loss_fn) if compile else loss_fn
@@ -240,7 +242,7 @@ def training_fns(model, peer, x, y, device_type, compile=False):
             loss.backward()
         return run
 
-    ours_fwdbwd, peer_fwdbwd = fwdbwd(model), fwdbwd(peer_loss)
+    ours_fwdbwd, peer_fwdbwd = fwdbwd(model), fwdbwd(lambda x, y: peer_loss(peer, x, y))
 
     def peer_update():
         torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
@@ -297,8 +299,7 @@ def cmd_train(args):
         y = torch.randint(0, args.vocab_size, (B, T), device=device_type)
         with torch.no_grad():  # the same weights compute the same loss: the two do the same work
             ours_loss = model(x, y).item()
-            peer_loss = F.cross_entropy(peer(input_ids=x, use_cache=False).logits.flatten(0, 1).float(),
-                                        y.flatten()).item()
+            peer_loss_value = peer_loss(peer, x, y).item()
         fns = training_fns(model, peer, x, y, device_type, args.compile)
         t = alternate(fns, args.n)
         figures = {side: {"fwdbwd_tok_s": B * T / t[f"{side}_fwdbwd"]["s"],
@@ -311,7 +312,7 @@ def cmd_train(args):
                 total, mm = matmul_share(fns[f"{side}_fwdbwd"], device_type)
                 figures[side].update(profiled_ms=total, matmul_ms=mm, matmul_share=mm / total)
         results[model_type] = dict(compare(figures["ours"], figures["peer"]), peer_class=type(peer).__name__,
-                                   loss_diff=abs(ours_loss - peer_loss), flops_per_token=model.estimate_flops())
+                                   loss_diff=abs(ours_loss - peer_loss_value), flops_per_token=model.estimate_flops())
         r = results[model_type]
         for side in ("ours", "peer"):
             name = f"{model_type} {'ours' if side == 'ours' else type(peer).__name__}"
@@ -478,7 +479,7 @@ def cmd_decode(args):
     for model_type in MODEL_TYPES:
         model = make_model(model_type, args, args.prompt_len + args.max_tokens, device_type).eval()
         peer, why = twin(model)
-        if args.compile:  # after the twin is made: compile_decode freezes the weights on CPU
+        if args.compile:
             model.compile_decode()
         if peer is None:
             print(f"{model_type}: no transformers twin ({why})")

@@ -503,9 +503,9 @@ class BaseLM(nn.Module):
     def compile_decode(self, backend="inductor"):
         """torch.compile the one-token decode step (as gpt-fast): on CUDA with CUDA graphs (mode reduce-overhead),
         which removes the per-kernel launch cost that dominates small batches; on CPU with inductor's freezing,
-        which folds the weights into the compiled step as constants and prepacks them for oneDNN (d4, batch 1:
-        1.1-1.4x the eager step; docs/benchmarks.md). Frozen weights cannot change afterwards: decode() refuses
-        once they have. The first steps pay the compilation, and again when the cache is expanded to more rows.
+        which folds the weights into the compiled step as constants (d4, batch 1: 1.1-1.4x the eager step;
+        docs/benchmarks.md). Frozen weights cannot change afterwards: decode() refuses once they have. The first
+        steps pay the compilation, and again when the cache is expanded to more rows.
         backend="eager" only captures the graph (tests). Returns the model."""
         if self.fixed_shape_decode:
             device = self.get_device().type
