@@ -1,6 +1,7 @@
 """Fixtures and helpers that several test files share: a prepared base dir, tiny models of any registered
 architecture, free ports. Helpers are imported as `from tests.conftest import tiny_model`."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -59,6 +60,27 @@ def sigkill_when(proc, ready, timeout=300):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run the block with n intra-op threads, then restore the count. A test that compares a computation with
+    another one (a subprocess started with OMP_NUM_THREADS=n, or a second in-process run) runs both under the same
+    count: a matmul's reduction order, and hence its last bits, depends on how many threads split it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Tests that compare two computations of one function whose float operations run in another order (other kernels,
+# shapes, chunks or thread counts) run both in float64. Summed in any two orders, n terms differ by at most
+# 2 n u sum|terms| (u = 2^-53 ~ 1.1e-16; Higham, Accuracy and Stability of Numerical Algorithms, 2002, eq. 3.5):
+# for the tests' models (reductions of at most 4096 terms of magnitude <= 10, two layers whose Lipschitz constants
+# are below 10^2) that bounds every output difference by ~1e-9, at any thread count and on any CPU. Seen: <= 1e-13.
+FP64_ATOL = 1e-8
 
 
 def free_port():

@@ -18,7 +18,7 @@ from nanochat.optim import (
     zeropower_via_newtonschulz5,
     zeropower_via_polar_express,
 )
-from tests.conftest import free_port
+from tests.conftest import FP64_ATOL, free_port, torch_threads
 
 
 def _cosine(a, b):
@@ -60,10 +60,13 @@ def test_newtonschulz_orthogonalises(shape):
 
 
 def test_newtonschulz_batched_equals_one_by_one():
-    G = _spread_matrix(4, 24, 40, seed=1)
-    X = zeropower_via_newtonschulz5(G)
+    # a batched GEMM against one matrix at a time: other kernels, so in fp64 (tests/conftest.py: FP64_ATOL; five
+    # quintic steps amplify a rounding by at most ~3.5^5 ~ 500, still far below the bound)
+    G = _spread_matrix(4, 24, 40, seed=1).double()
+    X = zeropower_via_newtonschulz5(G, dtype=torch.float64)
     for i in range(4):
-        torch.testing.assert_close(X[i], zeropower_via_newtonschulz5(G[i]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(X[i], zeropower_via_newtonschulz5(G[i], dtype=torch.float64), atol=FP64_ATOL,
+                                   rtol=0)
 
 
 def test_newtonschulz_bf16_matches_fp32():
@@ -212,11 +215,17 @@ def test_muon_matches_reference(nesterov, num_steps):
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
-        opt.step()
+        with torch_threads(1):
+            opt.step()
         for p, g in zip(params, step_grads):
             assert torch.equal(p.grad, g)  # the grad itself is left untouched
+    # fp32 (Muon's Gram iteration exists in fp32 only), one thread on both sides. The update is the same function
+    # of the same inputs; Muon applies it in place (one rounding) where the reference subtracts (two), and batches
+    # the two equal shapes into one GEMM: ~1 ulp of |W| <= 4 per step (seen: 1.2e-7 per step), 2 steps, so
+    # atol 1e-6 + rtol 1e-5 leaves a factor > 4
     for i, p in enumerate(params):
-        expected = _reference_muon(init[i], [gs[i] for gs in grads], lr=0.05, momentum=0.9, nesterov=nesterov)
+        with torch_threads(1):
+            expected = _reference_muon(init[i], [gs[i] for gs in grads], lr=0.05, momentum=0.9, nesterov=nesterov)
         torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5)
     # the tall matrix moved sqrt(16/4) = 2x further than the equally sized wide one (RMS of the update)
     if num_steps == 1:
@@ -321,16 +330,19 @@ def test_distmuon_matches_muon_on_two_processes(tmp_path, variant):
     world_size = 2
     mp.spawn(_dist_worker, args=(world_size, free_port(), str(tmp_path), variant), nprocs=world_size, join=True)
 
-    groups = _make_param_groups()
-    opt = Muon(groups, momentum=0.9, variant=variant)
-    for step in range(3):
-        _set_grads(groups, step)
-        opt.step()
-    after3 = _snapshot(groups)
-    for step in (3, 4):
-        _set_grads(groups, step)
-        opt.step()
-    continued = _snapshot(groups)
+    # the same steps in this process, on one thread as each worker: the same kernels; what differs is only which
+    # matrices are batched into one GEMM (each rank stacks the ones it owns) and gloo's broadcast, which copies
+    with torch_threads(1):
+        groups = _make_param_groups()
+        opt = Muon(groups, momentum=0.9, variant=variant)
+        for step in range(3):
+            _set_grads(groups, step)
+            opt.step()
+        after3 = _snapshot(groups)
+        for step in (3, 4):
+            _set_grads(groups, step)
+            opt.step()
+        continued = _snapshot(groups)
 
     num_state = []
     for rank in range(world_size):

@@ -21,9 +21,19 @@ from nanochat.optim import MUON_VARIANTS, DistMuon, Muon, make_adamw
 # Norms
 
 
+# F.rms_norm's default eps is the machine epsilon of the op's math type: fp32's for fp32 and bf16 inputs. Naming it
+# keeps that function in fp64 too (tests compare computations there), where the default would be fp64's.
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def at_least_fp32(x):
+    """bf16/fp16 -> fp32; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def norm(x):
-    """Parameter-free RMSNorm (nanochat's GPT); eps defaults to the dtype's machine epsilon."""
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm (nanochat's GPT)."""
+    return F.rms_norm(x, (x.size(-1),), eps=FP32_EPS)
 
 
 class RMSNorm(nn.Module):
@@ -38,8 +48,10 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x):
-        # the result goes back to the input dtype so that k and v (and the KV cache) share one dtype under autocast
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+        # at least fp32 (bf16 inputs are normalised in fp32, fp64 ones stay fp64); the result goes back to the input
+        # dtype so that k and v (and the KV cache) share one dtype under autocast
+        y = F.rms_norm(at_least_fp32(x), (x.size(-1),), at_least_fp32(self.weight), self.eps)
+        return y.to(x.dtype)
 
     def extra_repr(self):
         return f"{self.weight.numel()}, eps={self.eps}"
@@ -358,8 +370,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             grad_x = torch.empty_like(x)
-            grad_w = torch.zeros_like(weight, dtype=torch.float32)
-            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulators (fp64 in an fp64 run)
+            grad_w = torch.zeros_like(weight, dtype=acc)
+            loss = torch.zeros((), dtype=acc, device=x.device)
             for i in range(0, x.size(0), chunk_size):
                 xs, ts = x[i:i + chunk_size].to(dtype), targets[i:i + chunk_size]
                 g = LinearCrossEntropy.chunk(xs, w, ts, softcap, loss)
@@ -373,7 +386,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         """Adds the chunk's summed loss to `loss`; returns d loss / d logits (in w's dtype). Every pass over the
         (rows, V) logits is in place, on chunks small enough to stay in cache: on CPU these elementwise passes cost
         as much as the chunk's matmuls."""
-        logits = (xs @ w.T).float()
+        logits = at_least_fp32(xs @ w.T)
         if softcap:
             # c * tanh(z / c) = 2c * sigmoid(2z / c) - c, and its derivative 1 - tanh^2 = 4 s (1 - s): ATen's CPU
             # sigmoid is ~8x faster than its tanh; the two forms differ by ~1e-7 relative
@@ -456,7 +469,7 @@ class BaseLM(nn.Module):
             loss = LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                             self.logit_softcap or 0.0)
             return loss / (targets != -1).sum().clamp(min=1) if loss_reduction == "mean" else loss
-        logits = self.lm_head(x).float()  # fp32 for the softcap and the loss
+        logits = at_least_fp32(self.lm_head(x))  # fp32 (or fp64) for the softcap and the loss
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         if targets is None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.models.base import (
+    FP32_EPS,
     BaseLM,
     HFMapping,
     Rotary,
@@ -31,8 +32,7 @@ from nanochat.models.base import (
 
 SOFTCAP = 15  # logits are squashed smoothly into [-15, 15], which keeps early training stable (as nanochat)
 ROPE_THETA = 10000  # nanochat's rotary base
-# norm() calls F.rms_norm with eps=None, i.e. the epsilon of the op's math type: fp32's, also for bf16 inputs
-NORM_EPS = torch.finfo(torch.float32).eps
+NORM_EPS = FP32_EPS  # the eps of norm(), for transformers' config
 
 
 @dataclass
