@@ -30,15 +30,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from nanochat.common import (
-    UserError,
-    atomic_write_bytes,
-    get_base_dir,
-    logger,
-    non_negative_int,
-    one_line,
-    remove_orphan_tmp_files,
-)
+from nanochat.cli import non_negative_int
+from nanochat.fileio import atomic_write_bytes, get_base_dir, remove_orphan_tmp_files
+from nanochat.log import UserError, one_line, print0
 from nanochat.models import MODEL_TYPES, config_from_dict, config_to_dict
 
 FORMAT_VERSION = 2  # 2: rank state in optim_*_rank{r}.safetensors; 1: in optim_*_rank{r}.pt (pickle)
@@ -242,7 +236,7 @@ def save_checkpoint(ckpt_dir, step, model, meta, rank_state=None, rank=0):
                     model_config=config_to_dict(model.config), model_sha256=_sha256(blob),
                     world_size=dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
         atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
-        logger.info(f"saved checkpoint step {step} to {ckpt_dir}")
+        print0(f"saved checkpoint step {step} to {ckpt_dir}")
         # after the barrier no rank of this job is mid-write: temp files of dead processes are leftovers of a kill
         remove_orphan_tmp_files(ckpt_dir)
 
@@ -352,7 +346,7 @@ def remove_incomplete_steps(ckpt_dir, after):
             os.remove(path)
             removed.append(os.path.basename(path))
     if removed:
-        logger.warning(f"removed the files of incomplete step(s) in {ckpt_dir} (no meta file): "
+        print0(f"removed the files of incomplete step(s) in {ckpt_dir} (no meta file): "
                        f"{', '.join(sorted(removed)[:5])}{' ...' if len(removed) > 5 else ''}")
     return removed
 
@@ -426,7 +420,7 @@ def list_model_tags(source, model_type=None):
         try:
             meta = read_meta(os.path.join(root, tag), steps[-1])
         except CheckpointError as e:  # one damaged folder must not hide the others; loading it names the damage
-            logger.warning(f"skipping checkpoint folder {tag}: {e}")
+            print0(f"skipping checkpoint folder {tag}: {e}")
             continue
         if model_type is not None and meta["model_type"] != model_type:
             continue
@@ -453,7 +447,7 @@ def resolve_source(source, model_type=None):
         return source
     for candidate in ("rl", "sft", "mid", "base"):
         if list_model_tags(candidate, model_type):
-            logger.info(f"no -i/--source given: using the {candidate!r} checkpoints, the most trained stage found")
+            print0(f"no -i/--source given: using the {candidate!r} checkpoints, the most trained stage found")
             return candidate
     raise CheckpointError(f"no checkpoints under {get_base_dir()}; train one first: "
                           f"python -m scripts.base_train --model_type={model_type or 'gpt'}")

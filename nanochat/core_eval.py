@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from nanochat.common import download_file, get_base_dir, print0, remove_orphan_tmp_files
+from nanochat.fileio import download_file, get_base_dir, remove_orphan_tmp_files
+from nanochat.log import print0
 
 CORE_TASKS = [
     "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa", "commonsense_qa",

@@ -15,8 +15,8 @@ tokenized) plus the tokens already tokenized but not emitted, so a restored load
 
 import torch
 
-from nanochat.common import get_dist_info
 from nanochat.dataset import DataError, iter_row_groups
+from nanochat.dist import get_dist_info
 
 
 class DataLoader:

@@ -26,19 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import (
-    DownloadError,
-    UserError,
-    atomic_write_bytes,
-    auto_or_positive_int,
-    download_file,
-    get_base_dir,
-    logger,
-    non_negative_float,
-    one_line,
-    positive_int,
-    print0,
-)
+from nanochat.cli import auto_or_positive_int, non_negative_float, positive_int
+from nanochat.fileio import DownloadError, atomic_write_bytes, download_file, get_base_dir
+from nanochat.log import UserError, one_line, print0
 
 SPLITS = ("train", "val")
 
@@ -178,7 +168,7 @@ _warned = set()  # (path, what): each broken shard is reported once per process,
 def _warn_once(path, what, message):
     if (path, what) not in _warned:
         _warned.add((path, what))
-        logger.warning(message)
+        print0(message)
 
 
 def open_shard(path):

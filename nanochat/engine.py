@@ -13,89 +13,216 @@ tool use: when the model writes <|python_start|> expr <|python_end|>, the engine
 calculator and forces <|output_start|> result <|output_end|> into that row, as if the tool had answered.
 """
 
-import ast
-import operator
-import time
-import warnings
 from collections import deque
 
 import torch
+import torch.nn.functional as F
 
-from nanochat.models.base import sample_next_token
+from nanochat.tools import use_calculator
 
 # -----------------------------------------------------------------------------
-# Calculator tool: a tiny arithmetic evaluator on Python's ast, never eval().
-
-_BINARY_OPS = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-}
-_UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-MAX_EXPR_CHARS = 1000  # longer "expressions" are not arithmetic a model writes in one tool call
-MAX_EXPONENT = 1000  # bounds the cost of a single **
-MAX_INT_BITS = 4096  # ~1200 decimal digits: keeps every intermediate (and str(result)) cheap
+# KV cache
 
 
-class _Refused(Exception):
-    pass
+class KVCache:
+    """
+    Keys and values of every layer, preallocated: one (B, H_kv, T_max, D) key tensor and one value tensor per layer
+    (separate tensors, not views of one: a compiled decode step then writes each in place, where a view of a
+    shared buffer makes inductor copy the whole buffer every step). insert_kv() writes the new positions and
+    returns views up to them; pos advances after the last layer, so all layers of one forward pass write at the
+    same offset. With dtype/device None the tensors are allocated on the first insert, in the dtype and on the
+    device of the keys (bf16 under CUDA autocast, fp32 on CPU).
+    In a fixed-shape decode step (BaseLM.decode) step_pos holds the position as a (1,) tensor: the new token is
+    written there with index_copy_, get_pos() returns that tensor, insert_kv() returns the whole tensors and
+    attn_mask says which of their slots are filled, so the step's shapes never change (as gpt-fast's cache).
+    """
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device=None, dtype=None):
+        self.shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
+        self.layers = None  # [(k, v)] per layer, each (B, H_kv, T_max, D)
+        if device is not None and dtype is not None:
+            self._allocate(device, dtype)
+        self.device, self.dtype = device, dtype
+        self.pos = 0
+        self.step_pos = None  # a (1,) long tensor during a fixed-shape decode step, else None
+        self.slots = None  # arange(T_max) on the device, for attn_mask
+        self._static = None  # the tensors last marked static for CUDA graphs
+
+    def _allocate(self, device, dtype):
+        L, _, B, H, T, D = self.shape
+        self.layers = [tuple(torch.zeros(B, H, T, D, device=device, dtype=dtype) for _ in range(2)) for _ in range(L)]
+
+    @property
+    def batch_size(self):
+        return self.shape[2]
+
+    @property
+    def seq_len(self):
+        return self.shape[4]
+
+    def reset(self):
+        self.pos = 0
+
+    def get_pos(self):
+        return self.pos if self.step_pos is None else self.step_pos
+
+    @property
+    def attn_mask(self):
+        """None, except in a fixed-shape decode step: (1, T_max) bool, True for the slots up to the new token."""
+        return None if self.step_pos is None else self._mask
+
+    def begin_step(self):
+        """Enter a fixed-shape decode step at pos (BaseLM.decode). The position tensor is reused and updated in
+        place, so a compiled step (or a CUDA graph) always reads it from the same memory."""
+        if self.layers is None:
+            raise RuntimeError("a fixed-shape decode step needs a filled KV cache: prefill the prompt first")
+        if self.pos >= self.seq_len:
+            raise RuntimeError(f"KV cache overflow: all seq_len={self.seq_len} positions are taken; create the "
+                               f"cache with a larger seq_len (prompt length + max new tokens)")
+        device = self.layers[0][0].device
+        if self.slots is None or self.slots.device != device:
+            self.slots = torch.arange(self.seq_len, device=device).unsqueeze(0)  # (Tq=1, T_max)
+            self._pos = torch.zeros(1, dtype=torch.long, device=device)
+            self._mask = torch.zeros(1, self.seq_len, dtype=torch.bool, device=device)
+        if device.type == "cuda" and self._static is not self.layers:
+            # a CUDA graph may then update these in place (gpt-fast keeps its cache as module buffers for this)
+            for t in [t for kv in self.layers for t in kv] + [self._pos, self._mask]:
+                torch._dynamo.mark_static_address(t)
+            self._static = self.layers
+        self._pos.fill_(self.pos)
+        torch.le(self.slots, self.pos, out=self._mask)  # once per step, shared by all layers
+        self.step_pos = self._pos
+
+    def end_step(self):
+        self.step_pos = None
+        self.pos += 1
+
+    def insert_kv(self, layer_idx, k, v):
+        """k, v: (B, H_kv, T_new, D). Returns (k_all, v_all) of shape (B, H_kv, pos + T_new, D), or the whole
+        tensors (B, H_kv, T_max, D) in a fixed-shape decode step."""
+        if self.step_pos is not None:
+            k_all, v_all = self.layers[layer_idx]
+            k_all.index_copy_(2, self.step_pos, k.to(k_all.dtype))
+            v_all.index_copy_(2, self.step_pos, v.to(v_all.dtype))
+            return k_all, v_all
+        B, H, T_new, D = k.shape
+        _, _, B0, H0, T_max, D0 = self.shape
+        if (B, H, D) != (B0, H0, D0):
+            raise ValueError(f"KV cache holds (batch={B0}, kv_heads={H0}, head_dim={D0}) but got keys with "
+                             f"(batch={B}, kv_heads={H}, head_dim={D}); build it with model.make_kv_cache()")
+        t0, t1 = self.pos, self.pos + T_new
+        if t1 > T_max:
+            raise RuntimeError(f"KV cache overflow: {t0} cached + {T_new} new positions > seq_len={T_max}; "
+                               f"create the cache with a larger seq_len (prompt length + max new tokens)")
+        if self.layers is None:
+            self._allocate(self.device or k.device, self.dtype or k.dtype)
+        k_all, v_all = self.layers[layer_idx]
+        k_all[:, :, t0:t1] = k
+        v_all[:, :, t0:t1] = v
+        if layer_idx == self.shape[0] - 1:
+            self.pos = t1
+        return k_all[:, :, :t1], v_all[:, :, :t1]
+
+    def expand(self, batch_size):
+        """After the prefill of B prompts, repeat each row batch_size // B times, in place (to sample several
+        continuations of each prompt; rows stay grouped by prompt). Returns self."""
+        B = self.shape[2]
+        if batch_size == B:
+            return self
+        if batch_size % B:
+            raise ValueError(f"KVCache.expand repeats each of the {B} prefilled rows the same number of times: "
+                             f"batch_size={batch_size} is not a multiple of {B}")
+        L, two, _, H, T_max, D = self.shape
+        self.shape = (L, two, batch_size, H, T_max, D)
+        if self.layers is not None:
+            def grown(t):
+                new = t.new_zeros(batch_size, H, T_max, D)
+                new[:, :, :self.pos] = t[:, :, :self.pos].repeat_interleave(batch_size // B, dim=0)
+                return new
+            self.layers = [(grown(k), grown(v)) for k, v in self.layers]
+        return self
 
 
-def _eval_node(node, deadline):
-    # The deadline is checked at every node, so the limit holds on any thread (signals only work on the main one).
-    if time.monotonic() > deadline:
-        raise _Refused("time limit")
-    if isinstance(node, ast.Expression):
-        return _eval_node(node.body, deadline)
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-        return _check_size(_UNARY_OPS[type(node.op)](_number(node.operand, deadline)))
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        left, right = _number(node.left, deadline), _number(node.right, deadline)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise _Refused("exponent too large")
-        return _check_size(_BINARY_OPS[type(node.op)](left, right))
-    # the one method allowed: "strawberry".count("r") (letter counting is a classic small-model tool call)
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
-            and _is_str(node.func.value) and len(node.args) == 1 and _is_str(node.args[0]) and not node.keywords):
-        return node.func.value.value.count(node.args[0].value)
-    raise _Refused(f"{type(node).__name__} is not allowed")
+# -----------------------------------------------------------------------------
+# Sampling
 
 
-def _is_str(node):
-    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+def sample_next_token(logits, rng=None, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> next ids (B, 1). temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps
+    the smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2019)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        # drop a token when the tokens before it already reach top_p; the most likely one always stays, also when
+        # top_p is so small (< 1e-45) that it rounds to 0 in float32 and `0 >= top_p` would drop it too
+        drop_sorted = (cumulative - F.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted[:, 0] = False
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=rng)
 
 
-def _number(node, deadline):
-    value = _eval_node(node, deadline)
-    if type(value) not in (int, float):
-        raise _Refused("not a number")
-    return value
+# -----------------------------------------------------------------------------
+# One decode step, eager or compiled once (gpt-fast's decode_one_token)
 
 
-def _check_size(value):
-    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
-        raise _Refused("number too large")
-    if isinstance(value, complex):  # e.g. (-8) ** 0.5
-        raise _Refused("complex result")
-    return value
-
-
-def use_calculator(expr, max_time=1.0):
-    """Evaluate an arithmetic expression: numbers, + - * / // % ** (bounded), unary +/-, parentheses, and
-    "string".count("s"). Returns the value, or None when the expression is refused, fails or takes too long."""
-    if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
-        return None
-    if "'" not in expr and '"' not in expr:
-        expr = expr.replace(",", "")  # thousands separators: "1,234 * 2"
-    deadline = time.monotonic() + max_time
+def decode_step(model, ids, kv_cache):
+    """One new token per row, ids (B, 1), after a prefill of kv_cache -> fp32 logits (B, V); advances the cache.
+    Eager, a plain forward over the filled part of the cache (the fastest uncompiled). After compile_decode_step(),
+    a fixed-shape step (KVCache.begin_step): every call has the same shapes, so it is compiled once."""
+    compiled = getattr(model, "_compiled_step", None)
+    if compiled is None:
+        return model.forward(ids, kv_cache=kv_cache)[:, -1]
+    frozen = getattr(model, "_frozen_versions", None)
+    if frozen is not None and frozen != _param_versions(model):
+        raise RuntimeError("the weights changed after compile_decode() froze them into the compiled CPU decode "
+                           "step, which would keep decoding with the old ones; decode without compile_decode(), "
+                           "or load the new weights in a fresh process and compile again")
+    kv_cache.begin_step()
     try:
-        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for 3x: a refusal, not a warning to print
-            warnings.simplefilter("ignore")
-            tree = ast.parse(expr.strip(), mode="eval")
-        return _eval_node(tree, deadline)
-    except (_Refused, SyntaxError, ArithmeticError, ValueError, TypeError, RecursionError, MemoryError):
-        return None
+        logits = compiled(ids, kv_cache)
+    finally:
+        kv_cache.end_step()
+    # a CUDA graph writes its next output into the same memory: hand out a copy
+    return logits.clone() if logits.is_cuda else logits
+
+
+def _param_versions(model):
+    return [p._version for p in model.parameters()]  # every in-place change of a tensor bumps its version
+
+
+def compile_decode_step(model, backend="inductor"):
+    """torch.compile the model's one-token decode step (as gpt-fast): on CUDA with CUDA graphs (mode
+    reduce-overhead), which removes the per-kernel launch cost that dominates small batches; on CPU with inductor's
+    freezing, which folds the weights into the compiled step as constants (d4, batch 1: 1.1-1.4x the eager step;
+    docs/benchmarks.md). Frozen weights cannot change afterwards: decode_step() refuses once they have. The first
+    steps pay the compilation, and again when the cache is expanded to more rows. A model without
+    fixed_shape_decode keeps the eager step. backend="eager" only captures the graph (tests). Returns the model."""
+    if not model.fixed_shape_decode:
+        return model
+    device = model.get_device().type
+    inductor = backend == "inductor"
+    kwargs = {}
+    if inductor and device == "cuda":
+        kwargs["mode"] = "reduce-overhead"
+    elif inductor and device == "cpu":
+        kwargs["options"] = {"freezing": True}
+        model._frozen_versions = _param_versions(model)
+
+    def step(ids, kv_cache):
+        return model.forward(ids, kv_cache=kv_cache)[:, -1]
+
+    model._compiled_step = torch.compile(step, backend=backend, fullgraph=True, dynamic=False, **kwargs)
+    return model
 
 
 # -----------------------------------------------------------------------------

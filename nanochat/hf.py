@@ -1,8 +1,8 @@
 """
 Export to, and import from, Hugging Face transformers, exactly or not at all. What is particular to an architecture
-(its transformers model type and class, config, weight names, what it refuses) is its model class's `hf_mapping`
-(an HFMapping, nanochat/models/base.py): gpt <-> transformers' `nanochat`, alcoholic <-> `qwen3`. This file does what
-is common: the registry lookups, the tokenizer, the directory, the model card.
+(its transformers model type and class, config, weight names, what it refuses) is its ModelSpec's `hf` (an
+HFMapping, nanochat/models/hf_mapping.py): gpt <-> transformers' `nanochat`, alcoholic <-> `qwen3`. This file does
+what is common: the registry lookups, the tokenizer, the directory, the model card.
 A config with no exact equivalent on the other side is refused with the reason: never a subtly different model.
 The tokenizer goes both ways too: tiktoken ranks <-> a byte-level BPE tokenizer.json (merges rebuilt from the ranks),
 with a chat template that renders conversations as RustBPETokenizer.render_conversation does.
@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from nanochat.checkpoint import CheckpointError, build_model_from_meta, checkpoint_dir, list_steps, save_checkpoint
-from nanochat.common import UserError, get_base_dir
+from nanochat.fileio import get_base_dir
+from nanochat.log import UserError
 from nanochat.models import MODEL_TYPES, config_to_dict, get_model_spec
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, TokenizerNotFound, get_tokenizer
 
@@ -37,17 +38,16 @@ class HFError(UserError):
 
 def mappings():
     """transformers model_type -> (our model_type, its HFMapping), for every registered architecture that has one."""
-    return {spec.model_cls.hf_mapping.hf_type: (model_type, spec.model_cls.hf_mapping)
-            for model_type, spec in MODEL_TYPES.items() if spec.model_cls.hf_mapping is not None}
+    return {spec.hf.hf_type: (model_type, spec.hf) for model_type, spec in MODEL_TYPES.items() if spec.hf is not None}
 
 
 def mapping(model_type):
     """The HFMapping of one of our architectures; one without is refused."""
-    found = get_model_spec(model_type).model_cls.hf_mapping
+    found = get_model_spec(model_type).hf
     if found is None:
         supported = ", ".join(f"{ours} -> '{hf_type}'" for hf_type, (ours, _) in mappings().items())
-        raise HFError(f"the {model_type!r} architecture has no transformers mapping (its model class sets no "
-                      f"hf_mapping), so it cannot be exported; architectures that can: {supported}")
+        raise HFError(f"the {model_type!r} architecture has no transformers mapping (its ModelSpec has no "
+                      f"hf), so it cannot be exported; architectures that can: {supported}")
     return found
 
 

@@ -20,7 +20,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nanochat.common import UserError, autocast_dtype, print0
+from nanochat.dist import autocast_dtype
+from nanochat.log import UserError, print0
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth, config_overrides
 
 CUDA_TOTAL_BATCH = 524288  # tokens per optimizer step on GPU (nanochat's default, ~0.5M)

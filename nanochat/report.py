@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 
-from nanochat.common import cpu_name
+from nanochat.mfu import cpu_name
 
 # -----------------------------------------------------------------------------
 # metrics.jsonl: one JSON line per training step or evaluation, in every checkpoint directory
@@ -265,7 +265,7 @@ class DummyReport:
 
 def get_report():
     """The report of $NANOCHAT_BASE_DIR on rank 0; a no-op elsewhere and when NANOCHAT_REPORT=0."""
-    from nanochat.common import get_base_dir
+    from nanochat.fileio import get_base_dir
 
     if int(os.environ.get("RANK", 0)) != 0 or os.environ.get("NANOCHAT_REPORT", "1") == "0":
         return DummyReport()
@@ -276,7 +276,7 @@ if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "generate"
     if command not in ("generate", "reset"):
         sys.exit(f"usage: python -m nanochat.report [generate|reset] (got {command!r})")
-    from nanochat.common import get_base_dir
+    from nanochat.fileio import get_base_dir
 
     report = Report(os.path.join(get_base_dir(), "report"))
     report.generate() if command == "generate" else report.reset()

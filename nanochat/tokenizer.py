@@ -18,7 +18,8 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.common import UserError, atomic_write_bytes, get_base_dir, logger
+from nanochat.fileio import atomic_write_bytes, get_base_dir
+from nanochat.log import UserError, print0
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document begins with it
@@ -87,7 +88,7 @@ class RustBPETokenizer:
         tokenizer = cls(ranks, SPLIT_PATTERN)
         if tokenizer.get_vocab_size() < vocab_size:
             # rustbpe stops once no pair occurs twice: a corpus this small cannot fill the vocab
-            logger.warning(
+            print0(
                 f"the corpus only supported {len(ranks) - 256} merges: vocab_size is "
                 f"{tokenizer.get_vocab_size()} instead of the requested {vocab_size}; train on more text for more"
             )

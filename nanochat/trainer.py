@@ -34,25 +34,18 @@ from nanochat.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from nanochat.common import (
-    DummyWandb,
-    UserError,
+from nanochat.cli import (
     auto_or_non_negative_float,
     auto_or_positive_int,
-    autocast_ctx,
-    compute_cleanup,
-    forget_cpu_peak,
     fraction,
-    get_dist_info,
-    get_peak_flops,
-    mfu_percent,
     non_negative_float,
-    one_line,
     positive_int,
-    print0,
     str2bool,
-    synchronize,
 )
+from nanochat.dist import autocast_ctx, compute_cleanup, get_dist_info, synchronize
+from nanochat.log import UserError, fmt_time, one_line, print0
+from nanochat.mfu import forget_cpu_peak, get_peak_flops, mfu_percent, peak_memory
+from nanochat.models import get_model_spec
 from nanochat.optim import MUON_VARIANTS
 from nanochat.report import append_metrics, truncate_metrics
 
@@ -285,6 +278,16 @@ def restore(optimizers, loader, rank_state, ckpt_dir, step, rank):
                               f"({type(e).__name__}: {one_line(e)}); start without --resume") from e
 
 
+class DummyWandb:
+    """Stand-in for a wandb run when --run=dummy (the default): logging becomes a no-op."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
 def init_wandb(args, master):
     if args.run == "dummy" or not master:
         return DummyWandb()
@@ -293,13 +296,6 @@ def init_wandb(args, master):
     except ImportError:
         raise UserError("--run needs wandb: pip install wandb (or use --run=dummy)") from None
     return wandb.init(project="nanochat", name=args.run, config=vars(args))
-
-
-def fmt_time(seconds):
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 # -----------------------------------------------------------------------------
@@ -342,20 +338,6 @@ def is_due(every, step):
 
 def params_are_finite(model):
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def peak_memory(device_type):
-    """Bytes at the high-water mark so far: what CUDA tensors have held (max allocated) on CUDA; elsewhere what the
-    OS counts for this process (max RSS: weights, optimizer state and activations, plus Python and torch's own
-    ~0.5-1 GB). None where the OS does not say (Windows)."""
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    try:
-        import resource
-    except ImportError:
-        return None
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, kilobytes on Linux
 
 
 def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum, meta, script, evaluate=None,
@@ -511,7 +493,7 @@ def train(args, model, loader, *, source, model_tag, num_iterations, grad_accum,
             log(record)
             step += 1
     except torch.OutOfMemoryError:
-        raise OutOfMemory(script, args, orig_model.memory_advice) from None
+        raise OutOfMemory(script, args, get_model_spec(orig_model.model_type).memory_advice) from None
 
     peak = peak_memory(device_type)
     if peak is not None:

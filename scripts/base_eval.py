@@ -16,18 +16,11 @@ import io
 import os
 
 from nanochat import checkpoint
-from nanochat.common import (
-    atomic_write_bytes,
-    auto_or_positive_int,
-    autocast_ctx,
-    compute_cleanup,
-    compute_init,
-    get_base_dir,
-    parse_args,
-    print0,
-    run_cli,
-)
+from nanochat.cli import auto_or_positive_int, parse_args, run_cli
 from nanochat.core_eval import evaluate_core, prepare_bundle
+from nanochat.dist import autocast_ctx, compute_cleanup, compute_init
+from nanochat.fileio import atomic_write_bytes, get_base_dir
+from nanochat.log import print0
 from nanochat.report import get_report
 
 

@@ -7,17 +7,10 @@ Bits per byte of a checkpoint on the train and validation splits, plus a few sam
 import argparse
 
 from nanochat.checkpoint import add_checkpoint_args, load_model, record_metrics
-from nanochat.common import (
-    auto_or_positive_int,
-    autocast_ctx,
-    compute_cleanup,
-    compute_init,
-    parse_args,
-    positive_int,
-    print0,
-    run_cli,
-)
+from nanochat.cli import auto_or_positive_int, parse_args, positive_int, run_cli
 from nanochat.dataloader import DataLoader
+from nanochat.dist import autocast_ctx, compute_cleanup, compute_init
+from nanochat.log import print0
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes

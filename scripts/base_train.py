@@ -13,20 +13,12 @@ import os
 import torch.distributed as dist
 
 from nanochat.checkpoint import default_model_tag
-from nanochat.common import (
-    UserError,
-    auto_or_positive_int,
-    compute_init,
-    get_base_dir,
-    logger,
-    parse_args,
-    positive_int,
-    print0,
-    run_cli,
-    str2bool,
-)
+from nanochat.cli import auto_or_positive_int, parse_args, positive_int, run_cli, str2bool
 from nanochat.core_eval import evaluate_core, prepare_bundle
 from nanochat.dataloader import DataLoader
+from nanochat.dist import compute_init
+from nanochat.fileio import get_base_dir
+from nanochat.log import UserError, print0
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.models import MODEL_TYPES, add_config_args, build_model, config_from_depth, config_overrides
 from nanochat.plan import CUDA_TOTAL_BATCH, batch_plan, plan_iterations, print_dry_run
@@ -77,7 +69,7 @@ def ensure_data_and_tokenizer(rank):
                 raise UserError(f"No tokenizer in {os.path.join(get_base_dir(), 'tokenizer')}. Train one on your "
                                 f"data first: python -m scripts.tok_train --vocab_size=65536") from None
             from scripts.tok_train import train_tokenizer
-            logger.info("No tokenizer found: training a 4096-token BPE tokenizer on the embedded corpus "
+            print0("No tokenizer found: training a 4096-token BPE tokenizer on the embedded corpus "
                         "(same as: python -m scripts.tok_train --vocab_size=4096)")
             train_tokenizer(vocab_size=4096)
     if dist.is_available() and dist.is_initialized():

@@ -29,7 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autocast_ctx, parse_args, resolve_device_type, str2bool, synchronize
+from nanochat.cli import parse_args, str2bool
+from nanochat.dist import autocast_ctx, resolve_device_type, synchronize
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth, presets
 from nanochat.plan import describe, human
 
@@ -507,7 +508,7 @@ def decode_utilisation(model, rows, context, tpot_ms):
     """(bandwidth, compute) utilisation of one decode step as fractions of the GPU's peaks, lower bounds: the step
     reads every weight once (as stored) and the rows' keys and values (bf16), and multiplies 2 FLOPs per weight
     per row plus attention over the context."""
-    from nanochat.common import get_peak_flops
+    from nanochat.mfu import get_peak_flops
 
     c = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -569,8 +570,9 @@ def training_memory(spec):
     """Peak memory of spec["steps"] training steps as the trainer runs them (forward_backward, optimizer_step):
     max allocated on CUDA, max RSS on CPU; and the runtime baseline as --dry_run measures it (on CPU the RSS after
     a tiny warm-up step, before the model is built). Meant for a fresh process."""
+    from nanochat.mfu import peak_memory
     from nanochat.plan import current_rss, runtime_baseline
-    from nanochat.trainer import forward_backward, optimizer_step, peak_memory
+    from nanochat.trainer import forward_backward, optimizer_step
 
     device_type = spec["device_type"]
     baseline = runtime_baseline(device_type)

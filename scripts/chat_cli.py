@@ -12,16 +12,8 @@ Interactive commands: `clear` starts a new conversation, `quit` or `exit` (or Ct
 import argparse
 
 from nanochat.checkpoint import add_checkpoint_args, load_model, resolve_source
-from nanochat.common import (
-    autocast_ctx,
-    compute_init,
-    non_negative_float,
-    non_negative_int,
-    parse_args,
-    positive_int,
-    run_cli,
-    str2bool,
-)
+from nanochat.cli import non_negative_float, non_negative_int, parse_args, positive_int, run_cli, str2bool
+from nanochat.dist import autocast_ctx, compute_init
 from nanochat.engine import Engine
 
 

@@ -22,17 +22,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import add_checkpoint_args
-from nanochat.common import (
-    autocast_ctx,
-    compute_cleanup,
-    compute_init,
-    get_dist_info,
-    non_negative_float,
-    non_negative_int,
-    parse_args,
-    positive_int,
-    print0,
-)
+from nanochat.cli import non_negative_float, non_negative_int, parse_args, positive_int
+from nanochat.dist import autocast_ctx, compute_cleanup, compute_init, get_dist_info
+from nanochat.log import print0
 from nanochat.report import get_report
 from tasks.arc import ARC
 from tasks.arithmetic import ArithmeticTool

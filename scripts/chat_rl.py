@@ -24,20 +24,11 @@ from nanochat.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from nanochat.common import (
-    UserError,
-    autocast_ctx,
-    compute_init,
-    get_dist_info,
-    non_negative_float,
-    non_negative_int,
-    parse_args,
-    positive_float,
-    positive_int,
-    print0,
-    run_cli,
-)
+from nanochat.cli import non_negative_float, non_negative_int, parse_args, positive_float, positive_int, run_cli
+from nanochat.dist import autocast_ctx, compute_init, get_dist_info
 from nanochat.engine import Engine
+from nanochat.log import UserError, fmt_time, print0
+from nanochat.models import get_model_spec
 from nanochat.report import append_metrics, get_report, truncate_metrics
 from nanochat.tokenizer import get_tokenizer
 from nanochat.trainer import (
@@ -45,7 +36,6 @@ from nanochat.trainer import (
     OutOfMemory,
     add_train_args,
     check_args,
-    fmt_time,
     forward_backward,
     inherit_args,
     init_wandb,
@@ -269,7 +259,7 @@ def run(args):
             log({"step": step, "reward": mean_reward, "sampled_tokens": count, "lrm": lrm, "dt": dt})
             step += 1
     except torch.OutOfMemoryError:
-        raise OutOfMemory("chat_rl", args, model.memory_advice) from None
+        raise OutOfMemory("chat_rl", args, get_model_spec(model.model_type).memory_advice) from None
     # Did the policy improve? The held-out problems are the same at every evaluation, so their pass@1 (the mean
     # reward) is the fair trend; the training reward is over different problems each step, hence its error bars.
     if first_eval is not None and step > first_eval[0]:

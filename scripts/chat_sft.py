@@ -18,18 +18,10 @@ import math
 import random
 
 from nanochat.checkpoint import SOURCE_DIRS, find_largest_model_tag, list_model_tags, load_model
-from nanochat.common import (
-    UserError,
-    auto_or_positive_int,
-    compute_init,
-    non_negative_int,
-    parse_args,
-    positive_float,
-    positive_int,
-    print0,
-    run_cli,
-)
+from nanochat.cli import auto_or_positive_int, non_negative_int, parse_args, positive_float, positive_int, run_cli
 from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
+from nanochat.dist import compute_init
+from nanochat.log import UserError, print0
 from nanochat.loss_eval import evaluate_loss
 from nanochat.plan import batch_plan
 from nanochat.report import get_report

@@ -28,6 +28,7 @@ Limits that keep one client from taking the server (docs/reliability.md):
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import random
@@ -47,17 +48,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.checkpoint import add_checkpoint_args
-from nanochat.common import (
-    autocast_ctx,
-    logger,
-    non_negative_float,
-    non_negative_int,
-    port_number,
-    positive_float,
-    positive_int,
-    run_cli,
-)
+from nanochat.cli import non_negative_float, non_negative_int, port_number, positive_float, positive_int, run_cli
+from nanochat.dist import autocast_ctx
 from nanochat.engine import Engine
+from nanochat.log import print0
 
 # Abuse limits (as nanochat's server)
 MAX_MESSAGES_PER_REQUEST = 500
@@ -491,7 +485,7 @@ class Generation:
         self.pool.release(self.worker)
         num_tokens = sum(r.num_tokens for r in self.rows)
         self.stats.record(self.worker, num_tokens, self.seconds, self.outcome)
-        logger.info(f"{self.pool.name} worker {self.worker.id}: {len(self.prompt)} prompt tokens, {num_tokens} "
+        print0(f"{self.pool.name} worker {self.worker.id}: {len(self.prompt)} prompt tokens, {num_tokens} "
                     f"generated in {self.seconds:.2f}s ({self.outcome})")
         self._end()
 
@@ -594,7 +588,7 @@ def create_app(workers, temperature=0.8, top_k=50, max_tokens=512, max_queue=MAX
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
-        logger.exception(f"internal error on {request.url.path}")
+        logging.getLogger("uvicorn.error").exception(f"internal error on {request.url.path}")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
     def get_pool(name):
@@ -638,7 +632,7 @@ def create_app(workers, temperature=0.8, top_k=50, max_tokens=512, max_queue=MAX
                 async for _, piece in gen.pieces():
                     yield sse({"token": piece, "gpu": gen.worker.id})
             except Exception as e:
-                logger.exception("generation failed")
+                logging.getLogger("uvicorn.error").exception("generation failed")
                 yield sse({"error": f"generation failed: {type(e).__name__}: {e}"})
             yield sse({"done": True})
 
@@ -675,7 +669,7 @@ def create_app(workers, temperature=0.8, top_k=50, max_tokens=512, max_queue=MAX
                 async for i, piece in gen.pieces():
                     yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
             except Exception as e:
-                logger.exception("generation failed")
+                logging.getLogger("uvicorn.error").exception("generation failed")
                 yield sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
                                      "type": "server_error"}})
                 yield "data: [DONE]\n\n"
@@ -742,7 +736,7 @@ def load_workers(source, model_tags, num_workers, device_type, step=None, model_
             model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=tag, step=step,
                                                 model_type=model_type)
             name = meta.get("model_tag", tag)
-            logger.info(f"worker {len(workers)}: {name} ({meta['model_type']}, step {meta['step']}) on {device}")
+            print0(f"worker {len(workers)}: {name} ({meta['model_type']}, step {meta['step']}) on {device}")
             workers.append(Worker(id=len(workers), model_name=name, engine=Engine(model, tokenizer), source=source))
     return workers
 
@@ -772,7 +766,8 @@ def main(argv=None):
     import uvicorn
 
     from nanochat.checkpoint import resolve_source
-    from nanochat.common import compute_init, parse_args, resolve_device_type
+    from nanochat.cli import parse_args
+    from nanochat.dist import compute_init, resolve_device_type
 
     args = parse_args(build_parser(), argv)
     if args.num_workers < 1:

@@ -28,7 +28,10 @@ from dataclasses import dataclass
 
 import nanochat.compare as comparison
 from nanochat.checkpoint import SOURCE_DIRS, checkpoint_dir, list_model_tags, list_steps, read_meta
-from nanochat.common import UserError, get_base_dir, normalize_argv, resolve_device_type, run_cli
+from nanochat.cli import normalize_argv, run_cli
+from nanochat.dist import resolve_device_type
+from nanochat.fileio import get_base_dir
+from nanochat.log import UserError
 from nanochat.models import MODEL_TYPES, config_fields, config_from_depth, config_overrides
 from nanochat.plan import describe
 

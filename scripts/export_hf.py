@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from nanochat.checkpoint import add_checkpoint_args, load_model
-from nanochat.common import parse_args, run_cli, str2bool
+from nanochat.cli import parse_args, run_cli, str2bool
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

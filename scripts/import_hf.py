@@ -11,7 +11,7 @@ biases, ...) are refused with the reason.
 import argparse
 
 from nanochat.checkpoint import SOURCE_DIRS
-from nanochat.common import parse_args, run_cli, str2bool
+from nanochat.cli import parse_args, run_cli, str2bool
 
 
 def build_parser():

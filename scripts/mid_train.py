@@ -5,7 +5,7 @@ before SFT. It is the "mid" stage of scripts/chat_sft.py, which holds both fine-
     torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --model_tag=gpt_d20
 """
 
-from nanochat.common import run_cli
+from nanochat.cli import run_cli
 from scripts.chat_sft import main as finetune
 
 

@@ -8,8 +8,8 @@ baselines that need nothing: raw bytes (1.0 by definition) and characters (UTF-8
 
 import tiktoken
 
-from nanochat.common import print0
 from nanochat.dataset import parquets_iter_batched
+from nanochat.log import print0
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 

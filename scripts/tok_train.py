@@ -9,8 +9,10 @@ import argparse
 import os
 import time
 
-from nanochat.common import UserError, count, get_base_dir, parse_args, positive_int, print0, run_cli
+from nanochat.cli import count, parse_args, positive_int, run_cli
 from nanochat.dataset import parquets_iter_batched
+from nanochat.fileio import get_base_dir
+from nanochat.log import UserError, print0
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer
 

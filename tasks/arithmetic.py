@@ -18,7 +18,7 @@ Example i of a split is always the same: its random generator is seeded by the s
 import hashlib
 import random
 
-from nanochat.engine import use_calculator
+from nanochat.tools import use_calculator
 from tasks.common import Task
 from tasks.gsm8k import evaluate_final_number
 

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, logger
+from nanochat.fileio import get_base_dir
+from nanochat.log import print0
 
 REPO_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 OFFLINE_TASKS_DIR = os.path.join(REPO_DATA_DIR, "tasks")
@@ -97,7 +98,7 @@ def load_rows(repo, config_dir, split, offline=None, what=None):
         if os.path.exists(path):
             if path not in _announced:  # once per process, not for every task instance
                 _announced.add(path)
-                logger.info(f"{what or repo}: {searched} not found, using the offline copy {path}")
+                print0(f"{what or repo}: {searched} not found, using the offline copy {path}")
             return Rows(read_table(path))
     tried = "\n  ".join([searched, *(offline or [])])
     raise FileNotFoundError(

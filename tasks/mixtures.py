@@ -14,7 +14,8 @@ Validation splits never overlap training data; the embedded ones also avoid what
 
 import os
 
-from nanochat.common import get_base_dir, logger
+from nanochat.fileio import get_base_dir
+from nanochat.log import print0
 from tasks.arc import ARC
 from tasks.arithmetic import ArithmeticTool
 from tasks.common import REPO_DATA_DIR, TaskMixture, hf_datasets_dir, hub_has
@@ -66,7 +67,7 @@ def choose_source(stage, source="auto"):
         why = f"{', '.join(missing)} not under {where}" if missing else f"all of its datasets are under {where}"
     else:
         why = "forced by source=" + repr(source)
-    logger.info(f"{stage} data: {source} mixture ({why})")
+    print0(f"{stage} data: {source} mixture ({why})")
     return source
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_model, load_rank_state, read_meta
-from nanochat.common import UserError, cpu_peak_key, cpu_peak_path, normalize_argv, read_cpu_peaks
+from nanochat.cli import normalize_argv
+from nanochat.log import UserError
+from nanochat.mfu import cpu_peak_key, cpu_peak_path, read_cpu_peaks
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth
 from nanochat.trainer import lr_multiplier, muon_momentum, optimizer_step, weight_decay_multiplier
 from scripts import base_train

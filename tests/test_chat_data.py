@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import tasks.mixtures as mixtures
-from nanochat.engine import Engine, RowState, use_calculator
+from nanochat.engine import Engine, RowState
 from nanochat.tokenizer import RustBPETokenizer
+from nanochat.tools import use_calculator
 from scripts import chat_eval
 from tasks.arithmetic import SPLITS, ArithmeticTool, split_of
 from tasks.common import offline_file, read_jsonl
@@ -166,12 +167,30 @@ def hub(tmp_path, monkeypatch):
     return root
 
 
+class Lines:
+    """The regime lines ("<stage> data: ...") the mixtures print, read from captured stdout."""
+
+    def __init__(self, capsys):
+        self.capsys, self.seen = capsys, []
+
+    def _read(self):
+        self.seen += [line for line in self.capsys.readouterr().out.splitlines() if " data: " in line]
+        return self.seen
+
+    def __iter__(self):
+        return iter(self._read())
+
+    def __len__(self):
+        return len(self._read())
+
+    def __getitem__(self, i):
+        return self._read()[i]
+
+
 @pytest.fixture
-def log(monkeypatch):
-    """The regime lines ("<stage> data: ...") logged by the mixtures."""
-    lines = []
-    monkeypatch.setattr(mixtures.logger, "info", lambda line: lines.append(line) if " data: " in line else None)
-    return lines
+def log(capsys):
+    capsys.readouterr()
+    return Lines(capsys)
 
 
 def test_embedded_mixtures_when_nothing_is_downloaded(offline_only, log):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nanochat import common
+from nanochat import mfu as common
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nanochat import compare
-from nanochat.common import UserError
+from nanochat.log import UserError
 from nanochat.models import config_from_depth, config_to_dict
 from nanochat.plan import describe
 from scripts import compare as compare_script

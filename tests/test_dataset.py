@@ -289,7 +289,7 @@ def test_cli(base_dir, server, monkeypatch):
 
 
 def test_download_file_checksum(tmp_path, server):
-    from nanochat.common import ChecksumError, download_file
+    from nanochat.fileio import ChecksumError, download_file
 
     name = shard_filename(0)
     url, path = f"{server.url}/{name}", tmp_path / name
@@ -304,7 +304,7 @@ def test_download_file_checksum(tmp_path, server):
 
 
 def test_download_file_removes_temp_files_of_dead_downloads(tmp_path, server):
-    from nanochat.common import download_file
+    from nanochat.fileio import download_file
 
     proc = subprocess.Popen([sys.executable, "-c", ""])
     proc.wait()  # a process id that no longer runs: its temp file is a leftover

@@ -5,11 +5,11 @@ import time
 import pytest
 import torch
 
-from nanochat import engine as engine_module
-from nanochat.engine import Engine, sample_next_token, use_calculator
+from nanochat import tools as tools_module
+from nanochat.engine import Engine, KVCache, sample_next_token
 from nanochat.models import MODEL_TYPES
-from nanochat.models.base import KVCache
 from nanochat.tokenizer import RustBPETokenizer
+from nanochat.tools import use_calculator
 from tests.conftest import tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. 2+3*4 = 14, and 1,000 * 3 = 3000.",
@@ -73,9 +73,9 @@ def test_calculator_refuses(expr):
 def test_calculator_time_limit(monkeypatch):
     assert use_calculator("1 + 2 + 3", max_time=1.0) == 6
     clock = iter(range(0, 10_000, 2))  # every reading of the clock is 2 s after the previous one
-    monkeypatch.setattr(engine_module.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(tools_module.time, "monotonic", lambda: next(clock))
     assert use_calculator("1 + 2 + 3", max_time=1.0) is None
-    monkeypatch.setattr(engine_module.time, "monotonic", time.perf_counter)
+    monkeypatch.setattr(tools_module.time, "monotonic", time.perf_counter)
     assert use_calculator("1 + 2 + 3", max_time=1.0) == 6
 
 

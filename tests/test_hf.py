@@ -2,6 +2,7 @@
 exact logits, greedy generation, tokenizer and chat template, round trips, and every refusal with its reason."""
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -13,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 from nanochat import hf  # noqa: E402
 from nanochat.checkpoint import load_model, save_checkpoint  # noqa: E402
-from nanochat.common import run_cli  # noqa: E402
+from nanochat.cli import run_cli  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
-from nanochat.models import MODEL_TYPES, ModelSpec, build_model, config_from_depth, config_to_dict, gpt  # noqa: E402
+from nanochat.models import MODEL_TYPES, build_model, config_from_depth, config_to_dict, gpt  # noqa: E402
 from nanochat.tokenizer import RustBPETokenizer  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 
@@ -291,7 +292,7 @@ def test_tokenizer_with_other_special_tokens_is_refused(tokenizer, tmp_path):
 def llama(monkeypatch):
     from tests import test_third_architecture as third
 
-    monkeypatch.setitem(MODEL_TYPES, "llama", ModelSpec(third.LlamaConfig, third.Llama, third.config_from_depth))
+    monkeypatch.setitem(MODEL_TYPES, "llama", third.SPEC)
     return third.Llama
 
 
@@ -310,7 +311,7 @@ def test_a_third_architecture_exports_and_imports_through_its_mapping(llama, tok
 
 
 def test_export_refuses_an_architecture_without_mapping(llama, tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(llama, "hf_mapping", None)
+    monkeypatch.setitem(MODEL_TYPES, "llama", dataclasses.replace(MODEL_TYPES["llama"], hf=None))
     model = tiny_model("llama", tokenizer.get_vocab_size(), max_seq_len=SEQ, head_dim=16)
     with pytest.raises(hf.HFError, match="'llama' architecture has no transformers mapping .*so it cannot be "
                                          "exported; architectures that can: gpt -> 'nanochat', alcoholic -> 'qwen3'"):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from nanochat.engine import KVCache
 from nanochat.models import (
     MODEL_TYPES,
     build_model,
@@ -23,7 +24,7 @@ from nanochat.models import (
     presets,
 )
 from nanochat.models.alcoholic import AlcoholicNanoConfig
-from nanochat.models.base import KVCache, RMSNorm, rotary_tables
+from nanochat.models.base import RMSNorm, rotary_tables
 from nanochat.models.gpt import GPTConfig
 from nanochat.optim import Muon
 from tests.conftest import FP64_ATOL, perturb
@@ -284,7 +285,7 @@ def test_loss_reductions_and_ignore_index(model_type):
 def test_fused_training_loss_matches_logits_loss(model_type):
     # with gradients on, "sum" and "mean" go through LinearCrossEntropy (chunks, gradients in the forward pass):
     # loss and every gradient must equal those of the full logits' cross-entropy, ignored targets included
-    from nanochat.models.base import LinearCrossEntropy
+    from nanochat.ops import LinearCrossEntropy
 
     idx, targets = tokens(2, 16, seed=6), tokens(2, 16, seed=7)
     targets[0, :5] = -1
@@ -739,7 +740,7 @@ def test_activation_checkpointing_keeps_the_gradients(model_type):
 
 def test_relu_squared_matches_autograd_bit_for_bit():
     # the fused backward (grad * 2 relu(x)) must give exactly autograd's relu -> square gradient, zeros included
-    from nanochat.models.base import relu_squared
+    from nanochat.ops import relu_squared
 
     x = torch.randn(4, 33, generator=torch.Generator().manual_seed(0))
     x[0, :5] = 0.0

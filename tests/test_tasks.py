@@ -499,7 +499,7 @@ def test_chat_eval_without_checkpoint_says_how_to_train(tmp_path, monkeypatch, c
 
 def test_chat_eval_main_on_a_saved_checkpoint(hf_dir, tokenizer, model, monkeypatch):
     from nanochat.checkpoint import checkpoint_dir, read_meta, save_checkpoint
-    from nanochat.common import get_base_dir
+    from nanochat.fileio import get_base_dir
 
     tokenizer.save(os.path.join(get_base_dir(), "tokenizer"))
     ckpt = checkpoint_dir("base", "gpt_d1")

@@ -14,7 +14,8 @@ from nanochat.checkpoint import load_model, read_meta
 from nanochat.core_eval import OFFLINE_BUNDLE_DIR, evaluate_task, load_bundle, load_task_data
 from nanochat.engine import Engine
 from nanochat.models import MODEL_TYPES, ModelSpec, presets
-from nanochat.models.base import BaseLM, HFMapping, RMSNorm, Rotary, apply_rotary_emb, attention, heads_for_width
+from nanochat.models.base import BaseLM, RMSNorm, Rotary, apply_rotary_emb, attention, heads_for_width
+from nanochat.models.hf_mapping import HFMapping
 from scripts import base_train, chat_eval
 
 # -----------------------------------------------------------------------------
@@ -97,9 +98,6 @@ class LlamaBlock(nn.Module):
 
 class Llama(BaseLM):
     model_type = "llama"
-    hf_mapping = LlamaMapping()
-    presets = {"tiny": LlamaConfig(sequence_len=64, vocab_size=512, n_layer=1, n_head=2, n_kv_head=1, n_embd=64,
-                                   ffn_hidden=192)}
 
     def __init__(self, config):
         super().__init__()
@@ -132,13 +130,18 @@ class Llama(BaseLM):
         return self.logits_or_loss(self.final_norm(x), targets, loss_reduction)
 
 
+SPEC = ModelSpec(LlamaConfig, Llama, config_from_depth, mlp_width_field="ffn_hidden", hf=LlamaMapping(),
+                 presets={"tiny": LlamaConfig(sequence_len=64, vocab_size=512, n_layer=1, n_head=2, n_kv_head=1,
+                                              n_embd=64, ffn_hidden=192)})
+
+
 # -----------------------------------------------------------------------------
 
 
 @pytest.fixture
 def llama(monkeypatch):
     """The one registry line, undone after the test."""
-    monkeypatch.setitem(MODEL_TYPES, "llama", ModelSpec(LlamaConfig, Llama, config_from_depth))
+    monkeypatch.setitem(MODEL_TYPES, "llama", SPEC)
 
 
 def test_a_third_architecture_runs_everywhere(base_env, llama, capsys):

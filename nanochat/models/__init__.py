@@ -1,33 +1,26 @@
 """
 Model registry: the only place that knows which architectures exist. Training, evaluation and inference ask
 it for a config and a model by model_type and never import a concrete model.
-Adding an architecture = one file with a config dataclass, a BaseLM subclass and config_from_depth (and, to export
-to transformers, an HFMapping on the class), plus one line in MODEL_TYPES; tests/test_third_architecture.py shows it.
+Adding an architecture = one file with a config dataclass, a BaseLM subclass, config_from_depth and its ModelSpec
+(presets, the MLP width field, advice and, to export to transformers, an HFMapping), plus one line in MODEL_TYPES;
+tests/test_third_architecture.py shows it.
 Nothing reads MODEL_TYPES at import time: flags, choices and lists are built from it when they are needed.
 """
 
 import dataclasses
 import typing
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from nanochat.common import str2bool
+from nanochat.cli import str2bool
+from nanochat.engine import KVCache
 from nanochat.models import alcoholic, gpt
-from nanochat.models.base import BaseLM, KVCache
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    config_cls: type
-    model_cls: type
-    config_from_depth: Callable  # (depth, max_seq_len, vocab_size, **overrides) -> config
-
+from nanochat.models.base import BaseLM
+from nanochat.models.spec import ModelSpec
 
 MODEL_TYPES = {
-    "gpt": ModelSpec(gpt.GPTConfig, gpt.GPT, gpt.config_from_depth),
-    "alcoholic": ModelSpec(alcoholic.AlcoholicNanoConfig, alcoholic.Alcoholic, alcoholic.config_from_depth),
+    "gpt": gpt.SPEC,
+    "alcoholic": alcoholic.SPEC,
 }
 
 # Knobs that config_from_depth understands beyond the config fields (GPT has no head_dim field: it sets n_head)
@@ -48,8 +41,7 @@ def config_fields(model_type):
 
 def presets():
     """Every named config of every architecture: {"gpt/guide_d20": (model_type, config), ...}."""
-    return {f"{t}/{name}": (t, config) for t, spec in MODEL_TYPES.items()
-            for name, config in spec.model_cls.presets.items()}
+    return {f"{t}/{name}": (t, config) for t, spec in MODEL_TYPES.items() for name, config in spec.presets.items()}
 
 
 def _flag_type(annotation):

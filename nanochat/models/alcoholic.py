@@ -19,16 +19,16 @@ import torch.nn.functional as F
 
 from nanochat.models.base import (
     BaseLM,
-    HFMapping,
     RMSNorm,
     Rotary,
     apply_rotary_emb,
     attention,
     embedding,
-    fused_linear,
     heads_for_width,
-    relu_squared,
 )
+from nanochat.models.hf_mapping import HFMapping
+from nanochat.models.spec import ModelSpec
+from nanochat.ops import fused_linear, relu_squared
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 MLP_TYPES = ("swiglu", "relu2")
@@ -236,13 +236,6 @@ class DecoderLayer(nn.Module):
 class Alcoholic(BaseLM):
     model_type = "alcoholic"
     fixed_shape_decode = True
-    hf_mapping = Qwen3Mapping()
-    # the model-selection guide's d20 config, as written there
-    presets = {"guide_d20": AlcoholicNanoConfig(
-        sequence_len=2048, vocab_size=65536, n_layer=20, n_head=16, n_kv_head=8, n_embd=1280, intermediate_size=5120,
-        rope_theta=1_000_000.0, qk_norm=True, norm_type="rmsnorm", mlp_type="swiglu", dropout=0.0)}
-    memory_advice = ("Alcoholic uses more memory than GPT at the same depth: SwiGLU keeps three MLP activations "
-                     "per layer for the backward pass where ReLU² keeps two.")
 
     def __init__(self, config):
         super().__init__()
@@ -293,3 +286,16 @@ class Alcoholic(BaseLM):
             x = self.run_block(layer, x, cos_sin, kv_cache)
         x = self.model.norm(x)
         return self.logits_or_loss(x, targets, loss_reduction)
+
+
+SPEC = ModelSpec(
+    AlcoholicNanoConfig, Alcoholic, config_from_depth,
+    mlp_width_field="intermediate_size",
+    # the model-selection guide's d20 config, as written there
+    presets={"guide_d20": AlcoholicNanoConfig(
+        sequence_len=2048, vocab_size=65536, n_layer=20, n_head=16, n_kv_head=8, n_embd=1280, intermediate_size=5120,
+        rope_theta=1_000_000.0, qk_norm=True, norm_type="rmsnorm", mlp_type="swiglu", dropout=0.0)},
+    memory_advice=("Alcoholic uses more memory than GPT at the same depth: SwiGLU keeps three MLP activations per "
+                   "layer for the backward pass where ReLU² keeps two."),
+    hf=Qwen3Mapping(),
+)

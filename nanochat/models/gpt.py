@@ -19,16 +19,16 @@ import torch.nn as nn
 from nanochat.models.base import (
     FP32_EPS,
     BaseLM,
-    HFMapping,
     Rotary,
     apply_rotary_emb,
     attention,
     embedding,
-    fused_linear,
     heads_for_width,
     norm,
-    relu_squared,
 )
+from nanochat.models.hf_mapping import HFMapping
+from nanochat.models.spec import ModelSpec
+from nanochat.ops import fused_linear, relu_squared
 
 SOFTCAP = 15  # logits are squashed smoothly into [-15, 15], which keeps early training stable (as nanochat)
 ROPE_THETA = 10000  # nanochat's rotary base
@@ -161,11 +161,7 @@ class Block(nn.Module):
 class GPT(BaseLM):
     model_type = "gpt"
     fixed_shape_decode = True
-    hf_mapping = NanoChatMapping()
     logit_softcap = SOFTCAP
-    # the model-selection guide's d20 config, as written there
-    presets = {"guide_d20": GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=16, n_kv_head=16,
-                                      n_embd=1280)}
 
     def __init__(self, config):
         super().__init__()
@@ -206,3 +202,12 @@ class GPT(BaseLM):
             x = self.run_block(block, x, cos_sin, kv_cache)
         x = norm(x)
         return self.logits_or_loss(x, targets, loss_reduction)
+
+
+SPEC = ModelSpec(
+    GPTConfig, GPT, config_from_depth,
+    mlp_width_field=None,  # ReLU^2 at 4 x n_embd, as nanochat
+    presets={"guide_d20": GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=16, n_kv_head=16,
+                                    n_embd=1280)},  # the model-selection guide's d20 config, as written there
+    hf=NanoChatMapping(),
+)

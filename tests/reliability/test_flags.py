@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, find_last_step, list_steps
-from nanochat.common import run_cli
+from nanochat.cli import run_cli
 from nanochat.models import MODEL_TYPES
 from scripts import base_train
 

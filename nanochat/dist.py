@@ -1,0 +1,93 @@
+"""
+Devices and processes: the device type (cuda > mps > cpu, or the --device_type override), autocast, and
+torch.distributed set-up from torchrun's environment.
+"""
+
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+DEVICE_TYPES = ("cuda", "mps", "cpu")
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device_type(device_type=None):
+    """'' / None -> autodetect (cuda > mps > cpu); otherwise validate the override."""
+    if not device_type:
+        return autodetect_device_type()
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"--device_type={device_type!r} is not one of {', '.join(DEVICE_TYPES)}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device_type=cuda was requested but torch.cuda.is_available() is False")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device_type=mps was requested but MPS is not available")
+    return device_type
+
+
+def autocast_dtype(device_type):
+    """bf16 on CUDA (tensor cores); fp32 elsewhere: bf16 matmuls on CPU are ~25x slower than fp32."""
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
+def autocast_ctx(device_type):
+    """Mixed precision where autocast_dtype says so (CUDA); plain fp32 elsewhere."""
+    dtype = autocast_dtype(device_type)
+    return torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def is_ddp():
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from torchrun's environment variables."""
+    if is_ddp():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type=None, seed=42):
+    """Pick the device, seed RNGs, and join the process group when launched by torchrun.
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    device_type = resolve_device_type(device_type)
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")  # CPU/MPS multi-process: gloo
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()

@@ -1,0 +1,53 @@
+"""
+Output and errors: print0 (rank 0 only), progress bars with an ETA, UserError (a one-line message instead of a
+traceback), one_line and fmt_time.
+"""
+
+import os
+import sys
+
+from tqdm import tqdm
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only (flushes, so progress shows up in pipes and logs). The library's one output channel:
+    errors go to stderr through nanochat.cli.run."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+class UserError(Exception):
+    """A problem the user can fix (wrong flag, missing or mismatched checkpoint, ...): scripts print the message,
+    which says what to do, without a traceback."""
+
+
+def one_line(e):
+    """An exception as one short line (some libraries put whole paragraphs in their messages)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class _Lines(tqdm):
+    """tqdm that prints a whole line per update (no carriage returns): for logs and pipes."""
+
+    def display(self, msg=None, pos=None):
+        print(self.__str__(), file=self.fp, flush=True)
+        return True
+
+
+def progress(iterable=None, desc="", total=None, unit="it", every=10.0, **kwargs):
+    """A progress bar with an ETA on rank 0 (tqdm on a terminal; elsewhere a line every `every` seconds and at the
+    end), nothing on other ranks."""
+    quiet = int(os.environ.get("RANK", 0)) != 0
+    tty = sys.stderr.isatty()
+    cls = tqdm if tty else _Lines
+    return cls(iterable, desc=desc, total=total, unit=unit, disable=quiet, file=sys.stderr if tty else sys.stdout,
+               mininterval=0.1 if tty else every, maxinterval=every * 10, dynamic_ncols=True, **kwargs)
