@@ -13,11 +13,13 @@ import hashlib
 import io
 import json
 import os
+import time
 
 import rustbpe
 import tiktoken
 import torch
 
+from nanochat.dataset import parquets_iter_batched
 from nanochat.fileio import atomic_write_bytes, get_base_dir
 from nanochat.log import UserError, print0
 
@@ -258,11 +260,6 @@ class RustBPETokenizer:
         ids.append(self.special_tokens["<|assistant_start|>"])
         return ids
 
-    def visualize_tokenization(self, ids, mask):
-        """Debug helper: tokens with mask 1 in green, mask 0 in red."""
-        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
-        return "|".join(f"{green if m else red}{self.id_to_token(i)}{reset}" for i, m in zip(ids, mask))
-
 
 def _get_messages(conversation):
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
@@ -300,3 +297,48 @@ def get_token_bytes(device="cpu"):
         raise TokenizerNotFound(f"no {path}; train the tokenizer with `python -m scripts.tok_train`")
     with open(path, "rb") as f:
         return torch.load(f, map_location=device, weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# Training on the training split
+
+
+def text_iterator(max_chars, doc_cap):
+    """Training documents, each cropped to doc_cap characters (a few huge documents must not dominate the pair
+    counts), until max_chars characters in total or the end of the training split."""
+    nchars = 0
+    for docs in parquets_iter_batched("train"):
+        for doc in docs:
+            doc = doc[:doc_cap]
+            nchars += len(doc)
+            yield doc
+            if nchars >= max_chars:
+                return
+
+
+def train_tokenizer(vocab_size=65536, max_chars=2_000_000_000, doc_cap=10_000, tokenizer_dir=None):
+    """Train on the training split, save to tokenizer_dir (default $NANOCHAT_BASE_DIR/tokenizer), print a summary."""
+    tokenizer_dir = tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
+    stats = {"chars": 0, "docs": 0}
+
+    def counted():
+        for doc in text_iterator(max_chars, doc_cap):
+            stats["chars"] += len(doc)
+            stats["docs"] += 1
+            yield doc
+
+    t0 = time.time()
+    tokenizer = RustBPETokenizer.train_from_iterator(counted(), vocab_size)
+    train_time = time.time() - t0
+    tokenizer.save(tokenizer_dir)
+
+    token_bytes = tokenizer.token_bytes()
+    ordinary = token_bytes[token_bytes > 0].float()
+    sample = "Hello world! The year 2024 has 366 days; x = 3.14159 * r**2."
+    print0(f"Trained on {stats['docs']:,} documents, {stats['chars']:,} characters in {train_time:.2f}s")
+    print0(f"vocab_size: {tokenizer.get_vocab_size():,} ({len(tokenizer.get_special_tokens())} special tokens)")
+    print0(f"token bytes: min {int(ordinary.min())}, max {int(ordinary.max())}, mean {ordinary.mean():.2f}")
+    print0(f"sample: {sample!r} -> {len(tokenizer.encode(sample))} tokens ({len(sample.encode())} bytes)")
+    print0(f"hash: {tokenizer.hash}")
+    print0(f"saved to {tokenizer_dir}")
+    return tokenizer

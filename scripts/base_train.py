@@ -68,7 +68,7 @@ def ensure_data_and_tokenizer(rank):
             if os.path.abspath(data_dir) != os.path.abspath(os.path.join(get_base_dir(), "embedded_data")):
                 raise UserError(f"No tokenizer in {os.path.join(get_base_dir(), 'tokenizer')}. Train one on your "
                                 f"data first: python -m scripts.tok_train --vocab_size=65536") from None
-            from scripts.tok_train import train_tokenizer
+            from nanochat.tokenizer import train_tokenizer
             print0("No tokenizer found: training a 4096-token BPE tokenizer on the embedded corpus "
                         "(same as: python -m scripts.tok_train --vocab_size=4096)")
             train_tokenizer(vocab_size=4096)

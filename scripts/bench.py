@@ -158,8 +158,7 @@ def cmd_data(args):
 
     from nanochat.dataloader import DataLoader
     from nanochat.dataset import build_embedded_shards
-    from nanochat.tokenizer import RustBPETokenizer
-    from scripts.tok_train import text_iterator
+    from nanochat.tokenizer import RustBPETokenizer, text_iterator
 
     results = {"tokenizer_s": {}, "loader_tok_s": []}
     old_base = os.environ.get("NANOCHAT_BASE_DIR")

@@ -23,7 +23,7 @@ def prepared_base_dir(tmp_path_factory):
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
     try:
         from nanochat.dataset import build_embedded_shards
-        from scripts.tok_train import train_tokenizer
+        from nanochat.tokenizer import train_tokenizer
 
         build_embedded_shards()
         train_tokenizer(vocab_size=512, max_chars=3_000_000)

@@ -236,7 +236,8 @@ def test_tok_train_script(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     train_docs = [f"{CORPUS[i % 4]} number {i}" for i in range(40)]
     write_shards(tmp_path / "base_data", [train_docs[:20], train_docs[20:], ["validation text only"] * 4])
-    from scripts.tok_train import parse_cli, text_iterator, train_tokenizer
+    from nanochat.tokenizer import text_iterator, train_tokenizer
+    from scripts.tok_train import parse_cli
 
     # max_chars stops early; doc_cap crops each document; the validation shard is never read
     docs = list(text_iterator(max_chars=250, doc_cap=30))
