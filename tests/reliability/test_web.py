@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from nanochat.engine import Engine
+from nanochat.serve import Worker, create_app
 from nanochat.tokenizer import RustBPETokenizer
-from scripts.chat_web import Worker, create_app
 from tests.conftest import tiny_model
-from tests.test_chat_web import TEXTS, serve, user
+from tests.serve.conftest import TEXTS, serve, user
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCHEMATHESIS_CONFIG = os.path.join(REPO, "tests", "reliability", "schemathesis.toml")

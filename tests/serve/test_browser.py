@@ -7,18 +7,12 @@ import os
 import httpx
 import pytest
 
-from tests.test_chat_web import (  # noqa: F401 (fixtures)
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    chat_prompt,
-    create_app,
-    greedy_reply,
-    make_workers,
-    models,
-    serve,
-    tokenizer,
-    user,
-)
+from nanochat.serve import create_app
+from tests.serve.conftest import chat_prompt, greedy_reply, make_workers, serve, user
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def send_and_wait(page, text, count):
     return page.locator(".msg.assistant .bubble").nth(count - 1)
 
 
-def test_browser_chat_two_models(browser, models, tokenizer, tmp_path):  # noqa: F811 (fixtures)
+def test_browser_chat_two_models(browser, models, tokenizer, tmp_path):
     app = create_app(make_workers(models, tokenizer, [("gpt_tiny", "gpt", "sft", 1),
                                                        ("alcoholic_tiny", "alcoholic", "sft", 1)]),
                      temperature=0.8, top_k=50, max_tokens=24)
@@ -98,7 +92,7 @@ def test_browser_chat_two_models(browser, models, tokenizer, tmp_path):  # noqa:
         mobile.close()
 
 
-def test_browser_shows_errors_and_hides_single_picker(browser, models, tokenizer):  # noqa: F811 (fixtures)
+def test_browser_shows_errors_and_hides_single_picker(browser, models, tokenizer):
     app = create_app(make_workers(models, tokenizer, [("gpt_tiny", "gpt", "sft", 1)]), max_tokens=8)
     with serve(app) as url:
         page = browser.new_page()
@@ -112,6 +106,3 @@ def test_browser_shows_errors_and_hides_single_picker(browser, models, tokenizer
         assert page.locator(".msg.assistant").count() == 0
         page.close()
 
-
-# -----------------------------------------------------------------------------
-# Command-line entry points on real checkpoints
