@@ -1,7 +1,7 @@
 """
 What a pretraining run will be, decided before it starts: the batch split (micro-batches x ranks x accumulation),
 the number of steps, parameters and FLOPs per token, and a memory estimate. base_train prints it with --dry_run;
-scripts.bench uses the same describe() and checks estimate_peak_memory() against measured peaks (bench memory).
+nanochat.bench uses the same describe() and checks estimate_peak_memory() against measured peaks (bench memory).
 
 The memory estimate runs the real model's training step (forward, backward, clipping, AdamW + Muon) on fake tensors
 under a dispatch mode that counts the bytes of the tensors alive after every op: the peak of what the step holds,

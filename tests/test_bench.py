@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from nanochat.bench import memory as bench_memory
 from nanochat.models import MODEL_TYPES, presets
 from scripts import bench
 from tests.conftest import tiny_model
@@ -88,7 +89,7 @@ def check_memory(data, types):
 
 def test_memory_measures_and_estimates_every_type(tmp_path, monkeypatch):
     # the measurement itself, in this process (the real command runs it in a fresh one: the slow test below)
-    monkeypatch.setattr(bench, "measure_in_subprocess", bench.training_memory)
+    monkeypatch.setattr(bench_memory, "measure_in_subprocess", bench_memory.training_memory)
     bench.main(["memory", *TINY, "--seq_len=16", "--batch_size=2", "--steps=1", "--activation_checkpointing=both",
                 f"--out={tmp_path}"])
     data = read(tmp_path, "memory")
