@@ -1,13 +1,30 @@
 """
-The command line: every script accepts --key=value and --key value, dashes or underscores (--model-type ==
---model_type), and ignores a leading "--" (torchrun's `-m scripts.x -- --flags` form). A bad flag is one line on
+The command line, the one place that turns configs (nanochat/config.py) into flags. Every script accepts
+--key=value and --key value, dashes or underscores (--model-type == --model_type), and ignores a leading "--"
+(torchrun's `-m scripts.x -- --flags` form); --help lists every flag with its default. A bad flag is one line on
 stderr and exit status 2, before any work; a UserError during the run is one line and exit status 1.
 """
 
 import argparse
+import dataclasses
 import math
 import sys
+import types
+import typing
 
+from nanochat.config.base import (
+    AUTO_OR_NON_NEGATIVE,
+    AUTO_OR_POSITIVE_INT,
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    PORT,
+    POSITIVE,
+    POSITIVE_INT,
+    ConfigError,
+    choices_of,
+)
 from nanochat.log import UserError
 
 
@@ -23,48 +40,6 @@ def normalize_argv(argv):
     return out
 
 
-def parse_args(parser, argv=None):
-    """argparse with the conventions above; argv defaults to sys.argv[1:]. A bad flag is one line on stderr and
-    exit status 2, before any work."""
-
-    def error(message):
-        print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-    parser.error = error
-    for group in parser._action_groups:  # argument groups keep their own reference to error()
-        group.error = error
-    return parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
-
-
-# Flag types: argparse refuses a bad value at parse time, naming the flag and what it accepts
-
-
-def _number(cast, check, what):
-    def parse(value):
-        try:
-            v = cast(value)
-        except (TypeError, ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
-        if isinstance(v, float) and not math.isfinite(v) or not check(v):
-            raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
-        return v
-
-    parse.__name__ = what
-    return parse
-
-
-positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-auto_or_positive_int = _number(int, lambda v: v == -1 or v >= 1, "-1 (auto) or an integer >= 1")
-non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
-auto_or_non_negative_float = _number(float, lambda v: v == -1 or v >= 0, "-1 (auto) or a finite number >= 0")
-positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
-fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-count = _number(lambda s: int(float(s)), lambda v: v >= 1, "a positive number (2e9 is fine)")
-port_number = _number(int, lambda v: 0 <= v <= 65535, "a port number (0-65535)")
-
-
 def str2bool(value):
     """For flags like --qk_norm=False: argparse's bool('False') would be True."""
     if isinstance(value, bool):
@@ -74,7 +49,118 @@ def str2bool(value):
         return True
     if v in ("0", "false", "no", "n", "off"):
         return False
-    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean (true/false)")
+
+
+def value_parser(cast, check=None):
+    """An argparse type: cast the text, refuse nan/inf and what `check` refuses, naming what is accepted."""
+    what = check.what if check else "a finite number" if cast is float else f"a valid {cast.__name__}"
+    cast = check.cast if check and check.cast else cast
+
+    def parse(text):
+        try:
+            v = cast(text)
+        except (TypeError, ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if isinstance(v, float) and not math.isfinite(v) or check is not None and not check.ok(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return v
+
+    parse.__name__ = what
+    return parse
+
+
+def _base_type(annotation):
+    """int | None -> int, tuple[str, ...] -> str."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) in (tuple, list):
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _add_field(parser, f, default):
+    meta, typ = f.metadata, _base_type(f.type)
+    names = ([meta["short"]] if meta.get("short") else []) + [f"--{f.name}"] + list(meta.get("aliases", ()))
+    kwargs = dict(dest=f.name, default=default, help=meta.get("help", ""), required=meta.get("required", False))
+    if typ is bool:
+        kwargs.update(type=str2bool, nargs="?", const=True)
+    elif typ in (int, float):
+        kwargs["type"] = value_parser(typ, meta.get("check"))
+    elif meta.get("check") is not None:
+        kwargs["type"] = value_parser(str, meta["check"])
+    if meta.get("nargs"):
+        kwargs["nargs"] = meta["nargs"]
+    if meta.get("repeat"):
+        kwargs.update(action="append", default=None)
+    if choices_of(f) is not None and not kwargs.get("nargs"):
+        kwargs["choices"] = choices_of(f)
+    parser.add_argument(*names, **kwargs)
+
+
+def architecture_flags(parser):
+    """One flag per config field of every registered architecture (name, type and help from its dataclass), so a
+    new field, or a new architecture, is a flag with no edit anywhere else. Unset flags are left out."""
+    from nanochat.models import architecture_fields
+
+    group = parser.add_argument_group("architecture overrides (any config field; unset = the type's default)")
+    for name, (annotation, help, owners) in architecture_fields().items():
+        typ = _base_type(annotation)
+        kind = dict(type=str2bool, nargs="?", const=True) if typ is bool else dict(type=value_parser(typ)) \
+            if typ in (int, float) else dict(type=typ)
+        group.add_argument(f"--{name}", dest=f"architecture.{name}", default=None, metavar=name.upper(),
+                           help=f"{help} [{', '.join(owners)}]".strip(), **kind)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def parser_for(cls, prog=None, description=None):
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter,
+                                     allow_abbrev=False)
+
+    def error(message):
+        print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    parser.error = error
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("architecture"):
+            architecture_flags(parser)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            _add_field(parser, f, default)
+    for group in parser._action_groups:  # argument groups keep their own reference to error()
+        group.error = error
+    return parser
+
+
+def config_from_namespace(cls, ns):
+    values, architecture = {}, {}
+    for key, value in vars(ns).items():
+        if key.startswith("architecture."):
+            if value is not None:
+                architecture[key.split(".", 1)[1]] = value
+        else:
+            values[key] = tuple(value) if isinstance(value, list) else value
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("architecture"):
+            values[f.name] = architecture
+    return cls(**values)
+
+
+def parse(cls, argv=None, prog=None, description=None, known=False):
+    """The config `cls` from the command line (argv defaults to sys.argv[1:]). known=True also returns the flags it
+    does not know, for a script that passes them on (scripts.compare -> base_train)."""
+    parser = parser_for(cls, prog, description)
+    argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
+    ns, rest = parser.parse_known_args(argv) if known else (parser.parse_args(argv), [])
+    try:
+        config = config_from_namespace(cls, ns)
+    except ConfigError as e:
+        parser.error(str(e))
+    return (config, rest) if known else config
 
 
 def run_cli(main):
@@ -84,3 +170,31 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
+# argparse types and the one-line-error parse for scripts whose parser is written by hand (subcommands)
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args with the conventions above (one-line errors, normalised flag names)."""
+
+    def error(message):
+        print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    parser.error = error
+    for group in parser._action_groups:
+        group.error = error
+    return parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+
+
+positive_int = value_parser(int, POSITIVE_INT)
+non_negative_int = value_parser(int, NON_NEGATIVE_INT)
+auto_or_positive_int = value_parser(int, AUTO_OR_POSITIVE_INT)
+non_negative_float = value_parser(float, NON_NEGATIVE)
+auto_or_non_negative_float = value_parser(float, AUTO_OR_NON_NEGATIVE)
+positive_float = value_parser(float, POSITIVE)
+fraction = value_parser(float, FRACTION)
+count = value_parser(int, COUNT)
+port_number = value_parser(int, PORT)

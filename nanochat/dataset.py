@@ -9,7 +9,6 @@ Two sources of shards:
 get_data_dir() prefers the real shards whenever any have been downloaded.
 """
 
-import argparse
 import glob
 import gzip
 import hashlib
@@ -26,7 +25,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.cli import auto_or_positive_int, non_negative_float, positive_int
 from nanochat.fileio import DownloadError, atomic_write_bytes, download_file, get_base_dir
 from nanochat.log import UserError, one_line, print0
 
@@ -319,18 +317,12 @@ def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, a
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download FineWeb-edu-100B shuffled parquet shards "
-                                                 "(the last shard downloaded is used as the validation split).")
-    parser.add_argument("-n", "--num_files", "--num-files", type=auto_or_positive_int, default=-1,
-                        help=f"number of shards to download, -1 = all {MAX_SHARD + 1}")
-    parser.add_argument("-w", "--num_workers", "--num-workers", type=positive_int, default=4, help="parallel downloads")
-    parser.add_argument("--base_url", "--base-url", default=None,
-                        help=f"where shard_XXXXX.parquet files live (default: $NANOCHAT_DATA_URL or {BASE_URL})")
-    parser.add_argument("--attempts", type=positive_int, default=5, help="tries per shard")
-    parser.add_argument("--backoff", type=non_negative_float, default=2.0,
-                        help="seconds before the first retry, doubling")
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    """python -m nanochat.dataset -n 240 -w 4: download FineWeb-edu-100B shuffled parquet shards (the last shard
+    downloaded is used as the validation split)."""
+    from nanochat.cli import parse
+    from nanochat.config import DownloadConfig
+
+    args = parse(DownloadConfig, argv, prog="nanochat.dataset", description=main.__doc__)
     failed = download_shards(args.num_files, args.num_workers, base_url=args.base_url, attempts=args.attempts,
                              backoff=args.backoff)
     sys.exit(1 if failed else 0)

@@ -36,18 +36,34 @@ def fmt_time(seconds):
 
 
 class _Lines(tqdm):
-    """tqdm that prints a whole line per update (no carriage returns): for logs and pipes."""
+    """tqdm that writes a whole line per update, no carriage returns: for logs and pipes."""
 
     def display(self, msg=None, pos=None):
-        print(self.__str__(), file=self.fp, flush=True)
+        if msg != "":
+            self.fp.write(self.__str__() + "\n")
+            self.fp.flush()
         return True
+
+
+class _Stream:
+    """The stream behind _Lines: tqdm's own line ends and carriage returns (written alone) are dropped."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s):
+        if s not in ("", "\n", "\r"):
+            self.stream.write(s)
+
+    def flush(self):
+        self.stream.flush()
 
 
 def progress(iterable=None, desc="", total=None, unit="it", every=10.0, **kwargs):
     """A progress bar with an ETA on rank 0 (tqdm on a terminal; elsewhere a line every `every` seconds and at the
     end), nothing on other ranks."""
     quiet = int(os.environ.get("RANK", 0)) != 0
-    tty = sys.stderr.isatty()
-    cls = tqdm if tty else _Lines
-    return cls(iterable, desc=desc, total=total, unit=unit, disable=quiet, file=sys.stderr if tty else sys.stdout,
-               mininterval=0.1 if tty else every, maxinterval=every * 10, dynamic_ncols=True, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=quiet, dynamic_ncols=True, **kwargs)
+    return _Lines(iterable, desc=desc, total=total, unit=unit, disable=quiet, file=_Stream(sys.stdout),
+                  mininterval=every, maxinterval=every * 10, ascii=True, **kwargs)

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from nanochat.dist import autocast_dtype
 from nanochat.log import UserError, print0
-from nanochat.models import MODEL_TYPES, build_model, config_from_depth, config_overrides
+from nanochat.models import MODEL_TYPES, build_model, config_from_depth, overrides_for
 
 CUDA_TOTAL_BATCH = 524288  # tokens per optimizer step on GPU (nanochat's default, ~0.5M)
 CPU_RUNTIME_BYTES = 600 * 2**20  # Python + torch resident on CPU where the OS cannot tell us (measured on Linux)
@@ -35,10 +35,10 @@ GLIBC_MMAP_MAX = 32 * 2**20
 CPU_HEAP_RETENTION = {False: 0.5, True: 1.3}  # by activation_checkpointing
 
 
-def batch_plan(args, device_type, world_size):
+def batch_plan(config, device_type, world_size):
     """(tokens per step, gradient accumulation steps, a note when the default differs from nanochat's)."""
-    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
-    total = args.total_batch_size
+    tokens_per_fwdbwd = config.device_batch_size * config.max_seq_len * world_size
+    total = config.total_batch_size
     note = ""
     if total <= 0:
         if device_type == "cuda":
@@ -51,20 +51,20 @@ def batch_plan(args, device_type, world_size):
         lower = max(tokens_per_fwdbwd, total // tokens_per_fwdbwd * tokens_per_fwdbwd)
         raise UserError(
             f"--total_batch_size={total} is not a multiple of device_batch_size * max_seq_len * world_size = "
-            f"{args.device_batch_size} * {args.max_seq_len} * {world_size} = {tokens_per_fwdbwd}. "
+            f"{config.device_batch_size} * {config.max_seq_len} * {world_size} = {tokens_per_fwdbwd}. "
             f"Use e.g. --total_batch_size={lower} or --total_batch_size={lower + tokens_per_fwdbwd}.")
     return total, total // tokens_per_fwdbwd, note
 
 
-def plan_iterations(args, num_params, flops_per_token, total_batch):
+def plan_iterations(config, num_params, flops_per_token, total_batch):
     """(steps, which flag decided it): --num_iterations, else --target_flops, else --target_param_data_ratio."""
-    if args.num_iterations > 0:
-        return args.num_iterations, "--num_iterations"
-    if args.target_flops > 0:
-        return max(1, round(args.target_flops / (flops_per_token * total_batch))), "--target_flops"
-    if args.target_param_data_ratio > 0:
-        tokens = args.target_param_data_ratio * num_params
-        return max(1, int(tokens // total_batch)), f"--target_param_data_ratio={args.target_param_data_ratio:g}"
+    if config.num_iterations > 0:
+        return config.num_iterations, "--num_iterations"
+    if config.target_flops > 0:
+        return max(1, round(config.target_flops / (flops_per_token * total_batch))), "--target_flops"
+    if config.target_param_data_ratio > 0:
+        tokens = config.target_param_data_ratio * num_params
+        return max(1, int(tokens // total_batch)), f"--target_param_data_ratio={config.target_param_data_ratio:g}"
     raise UserError("set one of --num_iterations, --target_flops or --target_param_data_ratio")
 
 
@@ -197,27 +197,27 @@ def estimate_peak_memory(model_type, config, batch_size, seq_len, device_type, a
     return allocator_held(tensors, device_type, activation_checkpointing) + buckets + runtime_baseline(device_type)
 
 
-def print_dry_run(args, vocab_size, device_type, world_size):
+def print_dry_run(run, vocab_size, device_type, world_size):
     """The plan of this run, for the chosen type and, beside it, every other registered type."""
-    total_batch, grad_accum, note = batch_plan(args, device_type, world_size)
-    print0(f"Dry run: depth={args.depth} max_seq_len={args.max_seq_len} vocab_size={vocab_size} "
+    total_batch, grad_accum, note = batch_plan(run, device_type, world_size)
+    print0(f"Dry run: depth={run.depth} max_seq_len={run.max_seq_len} vocab_size={vocab_size} "
            f"device={device_type} world_size={world_size}")
-    print0(f"Batch plan: {args.device_batch_size} x {args.max_seq_len} tokens x {world_size} ranks x "
+    print0(f"Batch plan: {run.device_batch_size} x {run.max_seq_len} tokens x {world_size} ranks x "
            f"{grad_accum} accumulation steps = {total_batch:,} tokens/step {note}")
-    for model_type in [args.model_type] + [t for t in MODEL_TYPES if t != args.model_type]:
+    for model_type in [run.model_type] + [t for t in MODEL_TYPES if t != run.model_type]:
         # the chosen type gets every flag (an unknown one is an error); the others the flags they understand
-        overrides = config_overrides(args, None if model_type == args.model_type else model_type)
-        config = config_from_depth(model_type, args.depth, args.max_seq_len, vocab_size, **overrides)
+        overrides = run.model if model_type == run.model_type else overrides_for(model_type, run.model)
+        config = config_from_depth(model_type, run.depth, run.max_seq_len, vocab_size, **overrides)
         model = meta_model(model_type, config)
         groups = model.num_params_by_group()
         flops = model.estimate_flops()
-        mem = estimate_peak_memory(model_type, config, args.device_batch_size, args.max_seq_len, device_type,
-                                   getattr(args, "activation_checkpointing", False), world_size)
-        iters, why = plan_iterations(args, groups["total"], flops, total_batch)
-        chosen = " (chosen)" if model_type == args.model_type else ""
+        mem = estimate_peak_memory(model_type, config, run.device_batch_size, run.max_seq_len, device_type,
+                                   run.activation_checkpointing, world_size)
+        iters, why = plan_iterations(run, groups["total"], flops, total_batch)
+        chosen = " (chosen)" if model_type == run.model_type else ""
         print0(f"\n[{model_type}{chosen}] {config}")
         print0("  params: " + ", ".join(f"{k}={v:,}" for k, v in groups.items()))
         print0(f"  FLOPs/token: {flops:.3e}; iterations: {iters:,} ({why}); "
                f"total training FLOPs: {flops * total_batch * iters:.3e}")
-        ckpt = ", activation checkpointing" if getattr(args, "activation_checkpointing", False) else ""
+        ckpt = ", activation checkpointing" if run.activation_checkpointing else ""
         print0(f"  estimated peak memory per device: {mem / 2**30:.2f} GiB (eager{ckpt}; torch.compile saves less)")

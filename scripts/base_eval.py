@@ -10,29 +10,18 @@ else (offline) the small bundle shipped in data/eval_bundle, whose CORE is not c
 Results: $NANOCHAT_BASE_DIR/base_eval/{model_tag}_{step}.csv and the checkpoint's metrics (meta file).
 """
 
-import argparse
 import csv
 import io
 import os
 
 from nanochat import checkpoint
-from nanochat.cli import auto_or_positive_int, parse_args, run_cli
+from nanochat.cli import parse, run_cli
+from nanochat.config import BaseEvalConfig
 from nanochat.core_eval import evaluate_core, prepare_bundle
 from nanochat.dist import autocast_ctx, compute_cleanup, compute_init
 from nanochat.fileio import atomic_write_bytes, get_base_dir
 from nanochat.log import print0
 from nanochat.report import get_report
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="CORE metric (DCLM) of a checkpoint",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    checkpoint.add_checkpoint_args(p, default_source="base")
-    p.add_argument("--max_per_task", type=auto_or_positive_int, default=-1,
-                   help="items per task (-1 = all); a quick-look knob")
-    p.add_argument("--bundle_dir", default=None, help="a local eval bundle (core.yaml, eval_meta_data.csv, eval_data/)")
-    p.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
-    return parse_args(p, argv)
 
 
 def write_csv(path, out):
@@ -47,7 +36,7 @@ def write_csv(path, out):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args = parse(BaseEvalConfig, argv, prog="base_eval.py", description=__doc__)
     ddp, rank, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = checkpoint.load_model(args.source, device, phase="eval", model_tag=args.model_tag,
                                                    step=args.step, model_type=args.model_type)
@@ -70,11 +59,8 @@ def main(argv=None):
         metrics = {"core": out["core"], "core_tasks": {k: {"accuracy": v, "centered": out["centered"][k]}
                                                        for k, v in out["results"].items()},
                    "core_bundle": note + (f", max_per_task={args.max_per_task}" if args.max_per_task > 0 else "")}
-        if hasattr(checkpoint, "record_metrics"):
-            checkpoint.record_metrics(args.source, model_tag, step, metrics)
-            print0(f"recorded CORE in the metrics of {model_tag} step {step}")
-        else:
-            print0("nanochat.checkpoint has no record_metrics(): CORE was not recorded in the checkpoint")
+        checkpoint.record_metrics(args.source, model_tag, step, metrics)
+        print0(f"recorded CORE in the metrics of {model_tag} step {step}")
         get_report().log(section="Base model evaluation", data=[{"model_tag": model_tag, "step": step, "bundle":
                          metrics["core_bundle"], **out["centered"], "CORE": out["core"]}])
     compute_cleanup()

@@ -4,32 +4,20 @@ Bits per byte of a checkpoint on the train and validation splits, plus a few sam
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss -- --model_type=gpt
 """
 
-import argparse
-
-from nanochat.checkpoint import add_checkpoint_args, load_model, record_metrics
-from nanochat.cli import auto_or_positive_int, parse_args, positive_int, run_cli
+from nanochat.checkpoint import load_model, record_metrics
+from nanochat.cli import parse, run_cli
+from nanochat.config import BaseLossConfig
 from nanochat.dataloader import DataLoader
 from nanochat.dist import autocast_ctx, compute_cleanup, compute_init
 from nanochat.log import print0
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.pretrain import sample
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from scripts.base_train import sample
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description="Bits per byte of a checkpoint on train/val, and samples.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_checkpoint_args(p, default_source="base")
-    p.add_argument("--device_batch_size", type=positive_int, default=8)
-    p.add_argument("--split_tokens", type=auto_or_positive_int, default=-1,
-                   help="tokens evaluated per split (-1: 20*524288 on CUDA, 64 batches elsewhere)")
-    p.add_argument("--device_type", default="")
-    return p
 
 
 def main(argv=None):
-    args = parse_args(build_parser(), argv)
+    args = parse(BaseLossConfig, argv, prog="base_loss.py", description=__doc__)
     ddp, rank, _, world_size, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step,
                                         model_type=args.model_type)
@@ -50,7 +38,7 @@ def main(argv=None):
     if rank == 0:
         print0("Samples:")
         with autocast_ctx(device.type):
-            sample(model, tokenizer, device)
+            sample(model, tokenizer)
         record_metrics(args.source, meta["model_tag"], meta["step"], results)
         get_report().log(section="Base model loss", data=[{"model_tag": meta["model_tag"], "step": meta["step"],
                                                            "tokens_per_split": steps * tokens_per_batch}, results])

@@ -9,27 +9,12 @@ Chat with a model in the terminal.
 Interactive commands: `clear` starts a new conversation, `quit` or `exit` (or Ctrl-D) ends.
 """
 
-import argparse
 
-from nanochat.checkpoint import add_checkpoint_args, load_model, resolve_source
-from nanochat.cli import non_negative_float, non_negative_int, parse_args, positive_int, run_cli, str2bool
+from nanochat.checkpoint import load_model, resolve_source
+from nanochat.cli import parse, run_cli
+from nanochat.config import ChatCliConfig
 from nanochat.dist import autocast_ctx, compute_init
 from nanochat.engine import Engine
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description="Chat with a model in the terminal",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_checkpoint_args(parser)  # a base model completes text instead of chatting
-    parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
-    parser.add_argument("-t", "--temperature", type=non_negative_float, default=0.6, help="0 is greedy")
-    parser.add_argument("-k", "--top_k", type=non_negative_int, default=50,
-                        help="sample among the k most likely tokens")
-    parser.add_argument("-m", "--max_tokens", type=positive_int, default=512, help="max tokens per reply")
-    parser.add_argument("--device_type", type=str, default="", help="cuda|cpu|mps; empty: autodetect")
-    parser.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False,
-                        help="compile the one-token decode step: a slower start (compilation), faster tokens")
-    return parser
 
 
 def tokens_to_parts(tokenizer, tokens):
@@ -107,16 +92,16 @@ def reply(engine, messages, args, chat):
 
 
 def main(argv=None):
-    args = parse_args(build_parser(), argv)
+    args = parse(ChatCliConfig, argv, prog="chat_cli.py", description=__doc__)
     _, _, _, _, device = compute_init(args.device_type)
-    args.source = resolve_source(args.source, args.model_type)
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+    source = resolve_source(args.source, args.model_type)
+    model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=args.model_tag, step=args.step,
                                         model_type=args.model_type)
     if args.compile:
         model.compile_decode()
     engine = Engine(model, tokenizer)
-    chat = args.source != "base"
-    print(f"{meta['model_tag']} ({meta['model_type']}, {args.source}, step {meta['step']}) on {device}")
+    chat = source != "base"
+    print(f"{meta['model_tag']} ({meta['model_type']}, {source}, step {meta['step']}) on {device}")
     if not chat:
         print("Note: a base model has not learned the chat format; it continues your text as a document.")
 

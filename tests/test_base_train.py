@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_model, load_rank_state, read_meta
-from nanochat.cli import normalize_argv
+from nanochat.cli import normalize_argv, parse
+from nanochat.config import BaseTrainConfig
 from nanochat.log import UserError
 from nanochat.mfu import cpu_peak_key, cpu_peak_path, read_cpu_peaks
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth
@@ -38,8 +39,9 @@ def run_script(args, base_dir, **kwargs):
 def test_argv_conventions():
     assert normalize_argv(["--", "--model-type=alcoholic", "--depth", "4", "--max-seq-len=64"]) == \
         ["--model_type=alcoholic", "--depth", "4", "--max_seq_len=64"]
-    args = base_train.build_parser().parse_args(normalize_argv(["--model-type", "alcoholic", "--qk-norm=false"]))
-    assert args.model_type == "alcoholic" and args.qk_norm is False
+    config = parse(BaseTrainConfig, ["--model-type", "alcoholic", "--qk-norm=false", "--", "--depth", "2"][:3])
+    assert config.model_type == "alcoholic" and config.model == {"qk_norm": False}
+    assert parse(BaseTrainConfig, ["--", "--depth", "2", "--resume"]).resume is True  # a bare boolean flag is true
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -68,14 +70,16 @@ def test_core_metric_during_training(base_env, monkeypatch):
     assert [c["step"] for c in cores] == [1, 2] and all(-1 <= c["core"] <= 1 for c in cores)
 
 
-def test_unknown_model_type_lists_valid(base_env):
-    with pytest.raises(UserError, match=f"valid: {', '.join(MODEL_TYPES)}"):
+def test_unknown_model_type_lists_valid(base_env, capsys):
+    with pytest.raises(SystemExit) as e:  # a flag error: refused at parse time, before any work
         base_train.main(["--model_type=llama", *TINY, "--num_iterations=1"])
+    assert e.value.code == 2 and f"valid: {', '.join(MODEL_TYPES)}" in capsys.readouterr().err
 
 
-def test_override_unknown_for_type(base_env):
-    with pytest.raises(UserError, match="unknown override 'rope_theta' for model_type 'gpt'"):
+def test_override_unknown_for_type(base_env, capsys):
+    with pytest.raises(SystemExit) as e:
         base_train.main(["--model_type=gpt", *TINY, "--num_iterations=1", "--rope_theta=5e5"])
+    assert e.value.code == 2 and "unknown override 'rope_theta' for model_type 'gpt'" in capsys.readouterr().err
 
 
 def test_total_batch_not_divisible(base_env):
@@ -242,7 +246,7 @@ def test_ddp_two_ranks_equals_single_process(base_env, model_type):
     # the same training in one process, on one thread as each rank: the same kernels reduce in the same order. The
     # two ranks' gradients are summed once either way (a + b is exact to swap), and the halving is by a power of
     # two, so the weights must agree bit for bit
-    args = base_train.build_parser().parse_args(normalize_argv([f"--model_type={model_type}", *TINY]))
+    args = parse(BaseTrainConfig, [f"--model_type={model_type}", *TINY])
     tokenizer = get_tokenizer()
     with torch_threads(1):
         torch.manual_seed(args.seed)

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import tasks.mixtures as mixtures
+from nanochat import chat_eval
 from nanochat.engine import Engine, RowState
 from nanochat.tokenizer import RustBPETokenizer
 from nanochat.tools import use_calculator
-from scripts import chat_eval
 from tasks.arithmetic import SPLITS, ArithmeticTool, split_of
 from tasks.common import offline_file, read_jsonl
 from tasks.mcpractice import MCPractice, question_texts

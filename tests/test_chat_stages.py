@@ -1,7 +1,6 @@
 """Chat stages: the conversation loaders, the SFT loss mask, RL rewards and advantages, base -> mid -> sft -> rl with
 the model type carried along, and exact resume of chat_sft after a SIGKILL."""
 
-import argparse
 import json
 import os
 import subprocess
@@ -10,12 +9,15 @@ import sys
 import pytest
 import torch
 
+from nanochat import rl
 from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_last_step, load_model, read_meta
+from nanochat.cli import parse
+from nanochat.config import BaseTrainConfig, MidConfig, RLConfig, SFTConfig, TrainConfig, inherit
 from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
 from nanochat.engine import Engine
 from nanochat.models import MODEL_TYPES
 from nanochat.tokenizer import get_tokenizer
-from nanochat.trainer import add_train_args, forward_backward, inherit_args, setup_optimizers
+from nanochat.trainer import forward_backward, setup_optimizers
 from scripts import base_train, chat_rl, chat_sft, mid_train
 from tasks.common import Task
 from tests.conftest import sigkill_when, tiny_model
@@ -176,14 +178,14 @@ def test_rl_rewards_and_advantages_by_hand(tokenizer):
                     masks.append([0] * len(prompt) + [1] * (len(rows[-1]) - len(prompt)))
             return rows, masks
 
-    args = chat_rl.build_parser().parse_args(["--num_samples=4", "--max_new_tokens=8"])
+    config = parse(RLConfig, ["--num_samples=4", "--max_new_tokens=8"])
     engine = Scripted(type("M", (), {"get_device": lambda self: torch.device("cpu")})(), tokenizer)
-    (rows, masks, rewards), (_, _, rewards5) = chat_rl.rollouts(engine, tokenizer, Problems(), [4, 5], args, seed=0)
+    (rows, masks, rewards), (_, _, rewards5) = rl.rollouts(engine, Problems(), [4, 5], config, seed=0)
     assert engine.calls == [2]  # one batch for the two prompts
     assert rewards5 == [0.0, 1.0, 0.0, 0.0]  # problem 5's answer is 6: its rows were scored against it
-    assert chat_rl.advantages(rewards) == [0.5, -0.5, 0.5, -0.5]
-    assert chat_rl.advantages([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]  # nothing to learn when all agree
-    batches = chat_rl.policy_batches(rows, masks, chat_rl.advantages(rewards), 0, torch.device("cpu"), 3)
+    assert rl.advantages(rewards) == [0.5, -0.5, 0.5, -0.5]
+    assert rl.advantages([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]  # nothing to learn when all agree
+    batches = rl.policy_batches(rows, masks, rl.advantages(rewards), 0, torch.device("cpu"), 3)
     assert [b[0].shape[0] for b in batches] == [3, 1]
     prompt_len = masks[0].index(1)
     y = torch.cat([b[1] for b in batches])
@@ -194,7 +196,7 @@ def test_rl_rewards_and_advantages_by_hand(tokenizer):
     x, y, a = batches[0]
     model = tiny_model("gpt", tokenizer.get_vocab_size(), max_seq_len=64)
     nll = model(x, y, loss_reduction="none")
-    torch.testing.assert_close(chat_rl.pg_loss(model, x, y, a), (nll * a[:, None]).sum())
+    torch.testing.assert_close(rl.pg_loss(model, x, y, a), (nll * a[:, None]).sum())
 
 
 # -----------------------------------------------------------------------------
@@ -229,19 +231,16 @@ def test_model_type_survives_base_mid_sft_rl(base_env, model_type):
 
 
 def test_muon_variant_comes_from_the_source_unless_given():
-    parser = argparse.ArgumentParser()
-    add_train_args(parser, inherit=True)
     for argv, source_args, expected in [
-        ([], {"muon_variant": "nanochat"}, "nanochat"),
-        (["--muon_variant=classic"], {"muon_variant": "nanochat"}, "classic"),
-        ([], {"matrix_lr": 0.02}, "classic"),  # trained before the flag existed: classic Muon was all there was
+        ([], {"muon_variant": "classic"}, "classic"),
+        (["--muon_variant=nanochat"], {"muon_variant": "classic"}, "nanochat"),
+        ([], {"matrix_lr": 0.02}, TrainConfig.muon_variant),  # the source does not say: the pretraining default
+        ([], {}, TrainConfig.muon_variant),  # no settings at all (an import)
     ]:
-        args = parser.parse_args(argv)
-        inherit_args(args, {"train_args": source_args})
-        assert args.muon_variant == expected, (argv, source_args)
-    args = parser.parse_args([])
-    inherit_args(args, {})  # no train_args at all (an import): base_train's default
-    assert args.muon_variant == base_train.build_parser().get_default("muon_variant")
+        config = inherit(parse(SFTConfig, argv), source_args)
+        assert config.muon_variant == expected, (argv, source_args)
+    config = inherit(parse(SFTConfig, ["--matrix_lr=0.5"]), {"matrix_lr": 0.02, "device_batch_size": 7})
+    assert (config.matrix_lr, config.device_batch_size) == (0.5, 7)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -250,17 +249,15 @@ def test_fine_tuning_does_not_decay_the_matrices(model_type):
     a decay toward 0 on top of a few hundred noisy fine-tuning steps only erodes what pretraining learned."""
     model = tiny_model(model_type, vocab_size=64)
 
-    def muon_decay(parser, argv=()):
-        args = parser.parse_args(list(argv))
-        inherit_args(args, {"train_args": {"muon_variant": "nanochat"}})
-        return setup_optimizers(model, args)[1].param_groups[0]["weight_decay"]
+    def muon_decay(cls, argv=()):
+        config = inherit(parse(cls, list(argv)), {"muon_variant": "nanochat"})
+        return setup_optimizers(model, config)[1].param_groups[0]["weight_decay"]
 
-    pretrain = base_train.build_parser().parse_args([])
-    assert pretrain.muon_variant == "nanochat" and muon_decay(base_train.build_parser()) > 0
-    for parser in (chat_sft.build_parser("mid"), chat_sft.build_parser("sft"), chat_rl.build_parser()):
-        assert muon_decay(parser) == 0.0
-        assert muon_decay(parser, ["--matrix_weight_decay=0.3"]) == 0.3
-    assert muon_decay(base_train.build_parser(), ["--matrix_weight_decay=0"]) == 0.0
+    assert parse(BaseTrainConfig, []).muon_variant == "nanochat" and muon_decay(BaseTrainConfig) > 0
+    for cls in (MidConfig, SFTConfig, RLConfig):
+        assert muon_decay(cls) == 0.0
+        assert muon_decay(cls, ["--matrix_weight_decay=0.3"]) == 0.3
+    assert muon_decay(BaseTrainConfig, ["--matrix_weight_decay=0"]) == 0.0
 
 
 def test_wrong_model_type_is_one_line_from_the_command_line(base_env):

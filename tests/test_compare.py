@@ -6,7 +6,10 @@ import sys
 
 import pytest
 
-from nanochat import compare
+from nanochat import cli
+from nanochat.compare import report as compare
+from nanochat.compare import runs as compare_runs
+from nanochat.config import BaseTrainConfig, CompareConfig
 from nanochat.log import UserError
 from nanochat.models import config_from_depth, config_to_dict
 from nanochat.plan import describe
@@ -16,8 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse(argv):
-    args, rest = compare_script.build_parser().parse_known_args(argv)
-    return args, compare_script.base_train_args(rest), rest
+    config, rest = cli.parse(CompareConfig, argv, known=True)
+    compare_runs.refuse_own_flags(rest)
+    return config, cli.parse(BaseTrainConfig, rest), rest
 
 
 @pytest.mark.parametrize("match,key", [("--param_match", "total"), ("--flop_match", "flops")])
@@ -25,7 +29,7 @@ def parse(argv):
 def test_matching_equalises_params_or_flops_within_one_percent(match, key, depth):
     args, train_args, _ = parse(["--model_types", "gpt", "alcoholic", "--depth", str(depth), match,
                                  "--max_seq_len=256"])
-    runs = compare_script.plan_runs(args, train_args, vocab_size=4096)
+    runs = compare_runs.plan_runs(args, train_args, vocab_size=4096)
     shapes = {r.model_type: describe(r.model_type, config_from_depth(r.model_type, depth, 256, 4096, **r.overrides))
               for r in runs}
     assert abs(shapes["alcoholic"][key] - shapes["gpt"][key]) <= 0.01 * shapes["gpt"][key]
@@ -35,7 +39,7 @@ def test_matching_equalises_params_or_flops_within_one_percent(match, key, depth
 def test_plan_tags_seeds_and_arms():
     args, train_args, _ = parse(["--model_types", "gpt", "alcoholic", "--depth", "4", "6", "--seeds", "2",
                                  "--param_match", "--max_seq_len=128"])
-    runs = compare_script.plan_runs(args, train_args, vocab_size=4096)
+    runs = compare_runs.plan_runs(args, train_args, vocab_size=4096)
     assert [r.tag for r in runs[:4]] == ["cmp_gpt_d4_s1", "cmp_alcoholic_d4_pm_s1", "cmp_gpt_d6_s1",
                                          "cmp_alcoholic_d6_pm_s1"]
     assert len(runs) == 8 and {r.seed for r in runs} == {1, 2}
@@ -45,36 +49,39 @@ def test_plan_tags_seeds_and_arms():
 def test_flags_compare_sets_itself_are_refused():
     with pytest.raises(UserError, match="--seed is set by scripts.compare"):
         parse(["--model_types", "gpt", "--seed=3"])
-    with pytest.raises(UserError, match="base_train does not accept"):
+    with pytest.raises(SystemExit):  # one line on stderr, exit status 2: tested in tests/reliability/test_flags.py
         parse(["--model_types", "gpt", "--no_such_flag=1"])
     args, train_args, _ = parse(["--model_types", "alcoholic", "gpt", "--param_match"])
     with pytest.raises(UserError, match="List gpt first"):
-        compare_script.plan_runs(args, train_args, vocab_size=4096)
+        compare_runs.plan_runs(args, train_args, vocab_size=4096)
 
 
 def test_a_finished_run_with_other_flags_is_not_reused(base_env):
     args, train_args, rest = parse(["--model_types", "gpt", "--num_iterations", "10", "--max_seq_len=128"])
-    run = compare_script.plan_runs(args, train_args, vocab_size=512)[0]
-    argv = compare_script.run_argv(run, args, rest, train_args)
+    run = compare_runs.plan_runs(args, train_args, vocab_size=512)[0]
+    argv = compare_runs.run_argv(run, args, rest, train_args)
     d = base_env / "base_checkpoints" / run.tag
     d.mkdir(parents=True)
-    old = dict(vars(train_args), model_type="gpt", depth=4, num_iterations=10, seed=1, max_seq_len=64)
+    old = dict(dataclasses.asdict(train_args), model_type="gpt", depth=4, num_iterations=10, seed=1, max_seq_len=64)
     config = config_to_dict(config_from_depth("gpt", 4, 64, 512))
     meta = {"model_type": "gpt", "model_config": config, "train_args": old}
     (d / "meta_000010.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="max_seq_len=64"):
-        compare_script.train_state(run, argv, 10)
+        compare_runs.train_state(run, argv, 10)
     old["max_seq_len"] = 128
     (d / "meta_000010.json").write_text(json.dumps(meta))
-    assert compare_script.train_state(run, argv, 10) == "done"
+    assert compare_runs.train_state(run, argv, 10) == "done"
 
 
 def test_welch_and_mean_std():
     assert compare.mean_std([1.0, 2.0, 3.0, None]) == (2.0, 1.0, 3)
-    diff, se, t = compare.welch([1.0, 2.0, 3.0], [3.0, 4.0, 5.0])
+    diff, se, t, p = compare.welch([1.0, 2.0, 3.0], [3.0, 4.0, 5.0])
     assert diff == 2.0 and se == pytest.approx((2 / 3) ** 0.5) and t == pytest.approx(2 / (2 / 3) ** 0.5)
-    assert compare.welch([1.0], [2.0])[1:] == (None, None)
-    assert compare.welch([1.0, 1.0], [2.0, 2.0])[2] is None  # no spread at all
+    assert p == pytest.approx(0.0705, abs=5e-4)  # Student's t with 4 degrees of freedom: P(|T| > 2.449) = 0.0705
+    _, _, t, p = compare.welch([1.0, 2.0, 3.0], [1.0, 2.0, 9.0])  # unequal spreads: Welch's 2.2 dof, not 4
+    assert t == pytest.approx(2 / (20 / 3) ** 0.5) and p == pytest.approx(0.513, abs=0.002)  # pooled dof 4: 0.48
+    assert compare.welch([1.0], [2.0])[1:] == (None, None, None)
+    assert compare.welch([1.0, 1.0], [2.0, 2.0])[2:] == (None, None)  # no spread at all
 
 
 def fake_run(model_type, seed, bpb, loss, tag=None):
@@ -93,8 +100,8 @@ def test_report_states_what_exceeds_the_seed_spread(tmp_path):
     md, png, text = compare.write([gpt, alc], str(tmp_path), reference_of=lambda a: gpt if a is alc else None)
     assert os.path.getsize(png) > 10_000
     assert "| val bpb (end of training) | 2.0020 ± 0.0010 | 1.9020 ± 0.0010 |" in text
-    assert "**val bpb (end of training): -0.1000, 122.5 standard errors: exceeds the seed spread**" in text
-    assert "final train loss (EMA 0.9): +0.0000, 0.0 standard errors: within the seed spread" in text
+    assert "**val bpb (end of training): -0.1000, t = -122.5, p = " in text and "exceeds the seed spread**" in text
+    assert "final train loss (EMA 0.9): +0.0000, t = 0.0, p = 1: within the seed spread" in text
     assert "| sft ARC-Easy |" in text and "| params: total |" in text and "| peak memory (MiB) | 500 ± 0 |" in text
 
 
@@ -111,7 +118,7 @@ def test_tabulating_existing_checkpoints(base_env):
     assert "| | grp_gpt | grp_alcoholic |" in text and "one run per arm" in text
     assert os.path.getsize(base_env / "report" / "compare.png") > 10_000
     text = open(compare_script.main(["--model_tags", "grp_g*", "grp_alcoholic_s*"])).read()
-    assert "| runs (seeds) | 2 | 2 |" in text and "**grp_alcoholic vs grp_gpt**" in text and "standard errors" in text
+    assert "| runs (seeds) | 2 | 2 |" in text and "**grp_alcoholic vs grp_gpt**" in text and ", p = " in text
 
 
 @pytest.mark.slow

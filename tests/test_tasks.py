@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import tasks.common as common
+from nanochat import chat_eval as chat_eval_lib
 from nanochat import execution
+from nanochat.cli import run_cli
 from nanochat.engine import Engine
 from nanochat.tokenizer import RustBPETokenizer
 from scripts import chat_eval
@@ -284,10 +286,10 @@ def test_humaneval_without_the_sandbox_refuses_to_start(hf_dir, no_bwrap):
 
 def test_chat_eval_without_the_sandbox_says_what_to_install_in_one_line(hf_dir, no_bwrap, capsys):
     with pytest.raises(SystemExit) as info:
-        chat_eval.main(["-a", "ARC-Easy|HumanEval", "--device_type=cpu"])
+        run_cli(lambda: chat_eval.main(["-a", "ARC-Easy|HumanEval", "--device_type=cpu"]))
     assert info.value.code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("chat_eval: HumanEval cannot run here: bubblewrap")
+    assert err.count("\n") == 1 and err.startswith("error: HumanEval cannot run here: bubblewrap")
     assert "apt-get install bubblewrap" in err
 
 
@@ -424,10 +426,10 @@ def expected_categorical_accuracy(task, tokenizer, model, n):
 
 def test_categorical_eval_of_tiny_model(hf_dir, tokenizer, model):
     task = ARC("ARC-Easy", "test")
-    accuracy = chat_eval.run_categorical_eval(task, tokenizer, model, batch_size=4)
+    accuracy = chat_eval_lib.run_categorical_eval(task, tokenizer, model, batch_size=4)
     assert 0.0 <= accuracy <= 1.0
     assert accuracy == pytest.approx(expected_categorical_accuracy(task, tokenizer, model, len(task)))
-    partial = chat_eval.run_categorical_eval(task, tokenizer, model, batch_size=3, max_problems=5)
+    partial = chat_eval_lib.run_categorical_eval(task, tokenizer, model, batch_size=3, max_problems=5)
     assert partial == pytest.approx(expected_categorical_accuracy(task, tokenizer, model, 5))
 
 
@@ -446,9 +448,9 @@ class ConstantEngine(Engine):
 def test_generative_eval_scores_completions(hf_dir, tokenizer, model):
     task = GSM8K("main", "test")  # two of the four fixture answers are 72
     engine = ConstantEngine(tokenizer, "Let me think.\n#### 72")
-    assert chat_eval.run_generative_eval(task, tokenizer, model, engine, num_samples=2) == 0.5
-    real = chat_eval.run_generative_eval(SpellingBee(size=3, split="test"), tokenizer, model, Engine(model, tokenizer),
-                                         max_new_tokens=4)
+    assert chat_eval_lib.run_generative_eval(task, tokenizer, model, engine, num_samples=2) == 0.5
+    real = chat_eval_lib.run_generative_eval(SpellingBee(size=3, split="test"), tokenizer, model,
+                                             Engine(model, tokenizer), max_new_tokens=4)
     assert 0.0 <= real <= 1.0
 
 
@@ -473,25 +475,25 @@ def test_generative_eval_decodes_same_length_prompts_together(tokenizer, model):
 
     task = ArithmeticTool(size=40, split="test")
     engine = OracleEngine(tokenizer, task)
-    assert chat_eval.run_generative_eval(task, tokenizer, model, engine, num_samples=2, batch_size=8) == 1.0
+    assert chat_eval_lib.run_generative_eval(task, tokenizer, model, engine, num_samples=2, batch_size=8) == 1.0
     assert max(engine.calls) > 1 and max(engine.calls) <= 4 and sum(engine.calls) == 40  # 8 rows: 4 prompts x 2
 
 
 def test_chatcore_centers_on_chance():
-    assert chat_eval.chatcore({"ARC-Easy": 0.25, "MMLU": 1.0}) == pytest.approx(0.5)
-    assert chat_eval.chatcore({"ARC-Challenge": 0.625, "GSM8K": 0.1, "HumanEval": 0.0}) == pytest.approx(0.2)
+    assert chat_eval_lib.chatcore({"ARC-Easy": 0.25, "MMLU": 1.0}) == pytest.approx(0.5)
+    assert chat_eval_lib.chatcore({"ARC-Challenge": 0.625, "GSM8K": 0.1, "HumanEval": 0.0}) == pytest.approx(0.2)
 
 
 def test_chat_eval_without_checkpoint_says_how_to_train(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as info:
-        chat_eval.main(["-a", "GSM8K", "-i", "sft", "--device_type=cpu"])
+        run_cli(lambda: chat_eval.main(["-a", "GSM8K", "-i", "sft", "--device_type=cpu"]))
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "chatsft_checkpoints") in err and "python -m scripts.chat_sft" in err
     # with no -i, the most trained stage is used; with none at all, the message points at pretraining
     with pytest.raises(SystemExit) as info:
-        chat_eval.main(["-a", "GSM8K", "--device_type=cpu"])
+        run_cli(lambda: chat_eval.main(["-a", "GSM8K", "--device_type=cpu"]))
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert f"no checkpoints under {tmp_path}" in err and "python -m scripts.base_train" in err
@@ -512,6 +514,6 @@ def test_chat_eval_main_on_a_saved_checkpoint(hf_dir, tokenizer, model, monkeypa
     metrics = read_meta(ckpt, 5)["metrics"]
     assert metrics["chat_eval/ARC-Easy"] == results["ARC-Easy"]
     assert metrics["chat_eval/ARC-Easy/max_problems"] == 3
-    assert metrics["chat_eval/ChatCORE"] == pytest.approx(chat_eval.chatcore(results))
+    assert metrics["chat_eval/ChatCORE"] == pytest.approx(chat_eval_lib.chatcore(results))
     with pytest.raises(SystemExit):
         chat_eval.main(["-i", "base", "-a", "NoSuchTask"])

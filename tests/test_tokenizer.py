@@ -236,8 +236,9 @@ def test_tok_train_script(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     train_docs = [f"{CORPUS[i % 4]} number {i}" for i in range(40)]
     write_shards(tmp_path / "base_data", [train_docs[:20], train_docs[20:], ["validation text only"] * 4])
+    from nanochat.cli import parse
+    from nanochat.config import TokTrainConfig
     from nanochat.tokenizer import text_iterator, train_tokenizer
-    from scripts.tok_train import parse_cli
 
     # max_chars stops early; doc_cap crops each document; the validation shard is never read
     docs = list(text_iterator(max_chars=250, doc_cap=30))
@@ -249,5 +250,5 @@ def test_tok_train_script(tmp_path, monkeypatch):
     assert get_tokenizer().hash == tok.hash
     assert tok.hash == RustBPETokenizer.train_from_iterator(train_docs, 300).hash
 
-    args = parse_cli(["--", "--vocab-size=4096", "--max_chars", "2e6"])
+    args = parse(TokTrainConfig, ["--", "--vocab-size=4096", "--max_chars", "2e6"])
     assert (args.vocab_size, args.max_chars, args.doc_cap) == (4096, 2_000_000, 10_000)

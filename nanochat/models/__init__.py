@@ -8,11 +8,9 @@ Nothing reads MODEL_TYPES at import time: flags, choices and lists are built fro
 """
 
 import dataclasses
-import typing
 
 import torch
 
-from nanochat.cli import str2bool
 from nanochat.engine import KVCache
 from nanochat.models import alcoholic, gpt
 from nanochat.models.base import BaseLM
@@ -44,34 +42,26 @@ def presets():
     return {f"{t}/{name}": (t, config) for t, spec in MODEL_TYPES.items() for name, config in spec.presets.items()}
 
 
-def _flag_type(annotation):
-    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]  # `int | None` -> int
-    return str2bool if options[0] is bool else options[0]
-
-
-def add_config_args(parser):
-    """One flag per config field of every registered architecture (name, type and help from the dataclass), so a
-    new field, or a new model type, becomes a flag with no edit to any script. Unset flags are None."""
-    group = parser.add_argument_group("architecture overrides (any config field; unset = the type's default)")
-    owners = {}
+def architecture_fields():
+    """{name: (type, help, [model types])} of every config field of every registered architecture, the flags that
+    nanochat/cli.py makes: the fields that come from elsewhere (DERIVED_FIELDS) left out, DEPTH_KNOBS added."""
+    out = {name: (int, "channels per head (default 128): n_head = n_embd / head_dim", list(MODEL_TYPES))
+           for name in DEPTH_KNOBS}
     for model_type, spec in MODEL_TYPES.items():
         for f in dataclasses.fields(spec.config_cls):
-            if f.name not in DERIVED_FIELDS:
-                owners.setdefault(f.name, (f, []))[1].append(model_type)
-    for name, (f, types) in owners.items():
-        types = list(MODEL_TYPES) if name in DEPTH_KNOBS else types
-        group.add_argument(f"--{name}", type=_flag_type(f.type), default=None,
-                           help=f"{f.metadata.get('help', '')} [{', '.join(types)}]".strip())
+            if f.name in DERIVED_FIELDS:
+                continue
+            typ, help, owners = out.setdefault(f.name, (f.type, f.metadata.get("help", ""), []))
+            if model_type not in owners:
+                owners.append(model_type)
+    return out
 
 
-def config_overrides(args, model_type=None):
-    """The config flags that were set; with model_type, only those that type understands."""
-    names = {f.name for spec in MODEL_TYPES.values() for f in dataclasses.fields(spec.config_cls)} | set(DEPTH_KNOBS)
-    overrides = {k: getattr(args, k) for k in sorted(names) if getattr(args, k, None) is not None}
-    if model_type is not None:
-        valid = set(config_fields(model_type)) | set(DEPTH_KNOBS)
-        overrides = {k: v for k, v in overrides.items() if k in valid}
-    return overrides
+def overrides_for(model_type, overrides):
+    """The overrides (a {field: value} dict) that model_type understands: a run's flags applied to another type
+    (the dry run's comparison, scripts.compare's arms)."""
+    valid = set(config_fields(model_type)) | set(DEPTH_KNOBS)
+    return {k: v for k, v in overrides.items() if k in valid}
 
 
 def config_from_depth(model_type, depth, max_seq_len, vocab_size, **overrides):
@@ -120,4 +110,4 @@ def config_from_dict(model_type, d):
 
 
 __all__ = ["MODEL_TYPES", "ModelSpec", "BaseLM", "KVCache", "get_model_spec", "config_fields", "config_from_depth",
-           "build_model", "config_to_dict", "config_from_dict", "presets", "add_config_args", "config_overrides"]
+           "build_model", "config_to_dict", "config_from_dict", "presets", "architecture_fields", "overrides_for"]

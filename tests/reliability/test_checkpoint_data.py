@@ -308,17 +308,17 @@ def test_kill_mid_save_resumes_previous_step_bitwise_and_cleans_up(base_env):
     assert find_last_step(d) == 2
     # the leftovers are gone once the resumed run has loaded step 2 (checked from inside the run)
     seen = {}
-    original = base_train.DataLoader.load_state_dict
+    original = DataLoader.load_state_dict
 
     def load_state_dict(self, state):
         seen["files"] = sorted(os.listdir(d))
         return original(self, state)
 
-    base_train.DataLoader.load_state_dict = load_state_dict
+    DataLoader.load_state_dict = load_state_dict
     try:
         base_train.main([*TINY, "--num_iterations=4", "--save_every=2", "--model_tag=k", "--resume"])
     finally:
-        base_train.DataLoader.load_state_dict = original
+        DataLoader.load_state_dict = original
     assert not set(leftovers) & set(seen["files"])
     assert "model_000004.safetensors" not in seen["files"]  # the incomplete step's files went too
     assert find_last_step(d) == 4

@@ -1,8 +1,8 @@
 """
 The side-by-side report of scripts.compare: runs grouped into arms (one model type at one depth, several seeds),
-each metric as mean ± std over the seeds, a stated test of which differences exceed the seed spread, and the plots
-(validation bpb against steps, tokens and FLOPs, training loss, throughput). Everything is read from what training
-and evaluation already wrote: metrics.jsonl and the meta files' metrics.
+each metric as mean ± std over the seeds, a stated test of which differences exceed the seed spread (Welch's t-test),
+and the plots (validation bpb against steps, tokens and FLOPs, training loss, throughput). Everything is read from
+what training and evaluation already wrote: metrics.jsonl and the meta files' metrics.
 """
 
 import math
@@ -15,10 +15,10 @@ from nanochat.models import config_from_dict
 from nanochat.plan import describe
 from nanochat.report import read_metrics_jsonl
 
-# A difference between two arms "exceeds the seed spread" when it is more than SIGNIFICANCE standard errors of the
-# difference (Welch: sqrt(s_a^2/n_a + s_b^2/n_b)), i.e. |t| > 2. With 3 seeds per arm that is roughly a 10% two-sided
-# test: a screen for what deserves more seeds, not proof.
-SIGNIFICANCE = 2.0
+# A difference between two arms "exceeds the seed spread" when Welch's t-test (unequal variances, Welch-Satterthwaite
+# degrees of freedom) rejects equal means at this two-sided level. With 3 seeds per arm that takes |t| of about 3-4:
+# what passes is unlikely to be seed noise, what does not may still be real and deserve more seeds.
+SIGNIFICANCE = 0.05
 
 
 @dataclass
@@ -118,16 +118,22 @@ def mean_std(values):
 
 
 def welch(a, b):
-    """(difference of means b - a, its standard error, t) of two samples; se and t are None when either has fewer
-    than 2 values, t is None when the standard error is 0 (a deterministic quantity)."""
+    """(difference of means b - a, its standard error, t, two-sided p) of two samples: Welch's t-test (scipy). se,
+    t and p are None when either sample has fewer than 2 values; t and p are None when the standard error is 0 (a
+    deterministic quantity)."""
+    from scipy import stats
+
     ma, sa, na = mean_std(a)
     mb, sb, nb = mean_std(b)
     if ma is None or mb is None:
-        return None, None, None
+        return None, None, None, None
     if sa is None or sb is None:
-        return mb - ma, None, None
+        return mb - ma, None, None, None
     se = math.sqrt(sa**2 / na + sb**2 / nb)
-    return mb - ma, se, (mb - ma) / se if se > 0 else None
+    if se == 0:
+        return mb - ma, se, None, None
+    test = stats.ttest_ind([v for v in b if v is not None], [v for v in a if v is not None], equal_var=False)
+    return mb - ma, se, float(test.statistic), float(test.pvalue)
 
 
 def fmt_stat(values, f):
@@ -146,7 +152,7 @@ def verdicts(reference, other):
     for name, values, f in metrics_of(other):
         if name not in ref_rows:
             continue
-        diff, se, t = welch(ref_rows[name], values)
+        diff, se, t, p = welch(ref_rows[name], values)
         if diff is None:
             continue
         delta = f"{'+' if diff >= 0 else '-'}{f.format(abs(diff))}"
@@ -154,10 +160,10 @@ def verdicts(reference, other):
             out.append(f"{name}: {delta} (one run per arm: no seed spread to compare with)")
         elif t is None:
             out.append(f"{name}: {delta} (no spread at all: identical in every seed)")
-        elif abs(t) > SIGNIFICANCE:
-            out.append(f"**{name}: {delta}, {abs(t):.1f} standard errors: exceeds the seed spread**")
+        elif p < SIGNIFICANCE:
+            out.append(f"**{name}: {delta}, t = {t:.1f}, p = {p:.2g}: exceeds the seed spread**")
         else:
-            out.append(f"{name}: {delta}, {abs(t):.1f} standard errors: within the seed spread")
+            out.append(f"{name}: {delta}, t = {t:.1f}, p = {p:.2g}: within the seed spread")
     return out
 
 
@@ -200,20 +206,11 @@ def arm_style(arms):
             for a, (t, d) in zip(arms, keys)}
 
 
-def plot(arms, path):
-    """Six panels: val bpb vs step, tokens and training FLOPs; training loss; tokens/s; final val bpb per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
-    (ax_step, ax_tok, ax_flop), (ax_loss, ax_speed, ax_final) = axes
-    style = arm_style(arms)
+def plot_curves(arms, style, ax_step, ax_tok, ax_flop, ax_loss):
+    """Validation bpb against steps, tokens and FLOPs, and the training loss: the mean over seeds, a min-max band."""
     bpb_seen, loss_seen = [], []  # values past the first steps: the y-range, so the initial drop does not flatten
     for arm in arms:
-        st = style[arm.label]
-        n = len(arm.runs)
+        st, n = style[arm.label], len(arm.runs)
         label = f"{arm.label} ({n} seeds)" if n > 1 else arm.label
         tps, fpt = tokens_per_step(arm.runs[0]) or 0, shape(arm.runs[0])["flops"]
         steps, mean, lo, hi = series_mean(arm.runs, lambda r: r.val, "val_bpb")
@@ -228,6 +225,15 @@ def plot(arms, path):
         ax_loss.plot(steps, mean, label=label, **st)
         if n > 1:
             ax_loss.fill_between(steps, lo, hi, color=st["color"], alpha=0.2, linewidth=0)
+    for axs, seen in (((ax_step, ax_tok, ax_flop), bpb_seen), ((ax_loss,), loss_seen)):
+        if seen:
+            pad = 0.05 * (max(seen) - min(seen) or 1)
+            for ax in axs:
+                ax.set_ylim(min(seen) - pad, max(seen) + pad)
+
+
+def plot_per_arm(arms, style, ax_speed, ax_final):
+    """Throughput and final validation bpb per arm: mean ± std, a dot per seed."""
     labels = [a.label for a in arms]
     for i, arm in enumerate(arms):
         color = style[arm.label]["color"]
@@ -244,6 +250,20 @@ def plot(arms, path):
     for ax in (ax_speed, ax_final):
         ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right")
         ax.set_xlim(-0.6, len(labels) - 0.4)
+
+
+def plot(arms, path):
+    """Six panels: val bpb vs step, tokens and training FLOPs; training loss; tokens/s; final val bpb per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    (ax_step, ax_tok, ax_flop), (ax_loss, ax_speed, ax_final) = axes
+    style = arm_style(arms)
+    plot_curves(arms, style, ax_step, ax_tok, ax_flop, ax_loss)
+    plot_per_arm(arms, style, ax_speed, ax_final)
     ax_step.set(title="validation bpb (band: min-max over seeds)", xlabel="step", ylabel="bits per byte")
     ax_tok.set(title="validation bpb vs training tokens", xlabel="tokens", ylabel="bits per byte")
     ax_flop.set(title="validation bpb vs training FLOPs", xlabel="FLOPs (estimate_flops x tokens)",
@@ -251,11 +271,6 @@ def plot(arms, path):
     ax_loss.set(title="training loss (EMA 0.9)", xlabel="step", ylabel="loss (nats/token)")
     ax_speed.set(title="throughput: median tokens/s per run (bar: mean ± std)", ylabel="tokens/s")
     ax_final.set(title="final validation bpb: mean ± std, dots = seeds", ylabel="bits per byte")
-    for axs, seen in (((ax_step, ax_tok, ax_flop), bpb_seen), ((ax_loss,), loss_seen)):
-        if seen:
-            pad = 0.05 * (max(seen) - min(seen) or 1)
-            for ax in axs:
-                ax.set_ylim(min(seen) - pad, max(seen) + pad)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     for ax in (ax_step, ax_tok, ax_flop, ax_loss):
@@ -306,10 +321,10 @@ def markdown(arms, png_name, title="Model comparison", setup="", reference_of=No
                                  f"minus {ref.runs[0].meta['model_type']}):\n")
             verdict_lines += [f"- {v}" for v in verdicts(ref, arm)]
     if verdict_lines:
-        text += (f"\n## Which differences exceed the seed spread\n\nCriterion: |difference of the means| > "
-                 f"{SIGNIFICANCE:g} x its standard error, sqrt(s_a²/n_a + s_b²/n_b) (Welch's t, |t| > "
-                 f"{SIGNIFICANCE:g}). Differences in bold pass it; the others are not distinguishable from "
-                 f"the run-to-run noise of this many seeds.\n" + "\n".join(verdict_lines) + "\n")
+        text += (f"\n## Which differences exceed the seed spread\n\nCriterion: Welch's t-test (unequal variances) "
+                 f"rejects equal means at p < {SIGNIFICANCE:g}, two-sided; t = difference / sqrt(s_a²/n_a + "
+                 f"s_b²/n_b). Differences in bold pass it; the others are not distinguishable from the run-to-run "
+                 f"noise of this many seeds.\n" + "\n".join(verdict_lines) + "\n")
     text += "\n## Runs\n\n| run | type | seed | steps | final train loss | val bpb | CORE | tokens/s | peak MiB |\n"
     text += "|---|---|---|---|---|---|---|---|---|\n"
     for a in arms:
