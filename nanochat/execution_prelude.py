@@ -8,7 +8,10 @@ the set-up that has to happen in the sandboxed process itself, then runs the pro
 2. when bwrap ran as root: gives up root for the run's own uid, and every capability with it;
 3. sets resource limits, hard and soft alike, so the program cannot raise them;
 4. tells the parent the sandbox is up (one byte on the ready pipe), closes every other inherited descriptor;
-5. runs the program, its traceback starting at its own first frame.
+5. runs the program in a child process, its traceback starting at its own first frame, and tells the parent how
+   that process ended ("exit N" or "signal N" on the ready pipe, which the program itself never holds): a program
+   that exits with 137 of its own accord is then not taken for one the kernel killed (bwrap reports signal N as
+   status 128 + N, so the status alone cannot tell them apart).
 
 argv: memory_bytes cpu_seconds file_bytes max_processes max_files run_as_uid ready_fd (-1 = no limit / none).
 """
@@ -88,14 +91,32 @@ def main(argv):
     if ready_fd >= 0:
         os.write(ready_fd, b"1")
     for fd in [int(name) for name in os.listdir("/proc/self/fd")]:  # e.g. a descriptor bwrap was handed
-        if fd > 2:
+        if fd > 2 and fd != ready_fd:
             try:
                 os.close(fd)
             except OSError:
                 pass  # the descriptor listdir itself used
-    faulthandler.disable()
-    builtins.exit = builtins.quit = sys.exit  # `site` is not imported (-S), so these are not defined otherwise
-    run(code)
+    pid = os.fork()
+    if pid == 0:  # the program: no descriptor but stdin (/dev/null), stdout and stderr
+        if ready_fd >= 0:
+            os.close(ready_fd)
+        faulthandler.disable()
+        builtins.exit = builtins.quit = sys.exit  # `site` is not imported (-S), so these are not defined otherwise
+        run(code)  # then a normal interpreter exit: atexit handlers run, non-daemon threads are joined
+        sys.exit(0)
+    report(ready_fd, os.waitpid(pid, 0)[1])
+
+
+def report(ready_fd, wait_status):
+    """Tell the parent how the program ended, and end the same way (status N, or 128 + the signal)."""
+    if os.WIFSIGNALED(wait_status):
+        how, status = f"signal {os.WTERMSIG(wait_status)}", 128 + os.WTERMSIG(wait_status)
+    else:
+        status = os.WEXITSTATUS(wait_status)
+        how = f"exit {status}"
+    if ready_fd >= 0:
+        os.write(ready_fd, how.encode())
+    os._exit(status)
 
 
 if __name__ == "__main__":

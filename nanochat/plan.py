@@ -122,7 +122,7 @@ def tensor_peak_bytes(model_type, config, batch_size, seq_len, device_type, acti
     AdamW + Muon step, zero_grad) once the optimizer state exists, counted on fake tensors: every op is dispatched,
     none computes or allocates. On a machine without the device, its precision is simulated on fake CPU tensors
     (CUDA: bf16 autocast)."""
-    from nanochat.trainer import optimizer_step
+    from nanochat.steps import optimizer_step
 
     device = "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
     amp = autocast_dtype(device_type)
@@ -157,7 +157,7 @@ def current_rss():
 def warm_up_runtime():
     """One real training step of a tiny model of every type: the first step pages in kernels and sets up thread
     pools and allocator caches (~0.1 GB on CPU), memory a run holds whatever its size."""
-    from nanochat.trainer import optimizer_step
+    from nanochat.steps import optimizer_step
 
     for model_type in MODEL_TYPES:
         model = build_model(model_type, config_from_depth(model_type, 1, 16, 64, head_dim=32))

@@ -14,7 +14,7 @@ from nanochat.config import BaseTrainConfig
 from nanochat.log import UserError
 from nanochat.mfu import cpu_peak_key, cpu_peak_path, read_cpu_peaks
 from nanochat.models import MODEL_TYPES, build_model, config_from_depth
-from nanochat.trainer import lr_multiplier, muon_momentum, optimizer_step, weight_decay_multiplier
+from nanochat.steps import lr_multiplier, muon_momentum, optimizer_step, weight_decay_multiplier
 from scripts import base_train
 from tests.conftest import first_type_fast, sigkill_when, torch_threads
 

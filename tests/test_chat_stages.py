@@ -16,8 +16,8 @@ from nanochat.config import BaseTrainConfig, MidConfig, RLConfig, SFTConfig, Tra
 from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
 from nanochat.engine import Engine
 from nanochat.models import MODEL_TYPES
+from nanochat.steps import forward_backward, setup_optimizers
 from nanochat.tokenizer import get_tokenizer
-from nanochat.trainer import forward_backward, setup_optimizers
 from scripts import base_train, chat_rl, chat_sft, mid_train
 from tasks.common import Task
 from tests.conftest import sigkill_when, tiny_model
@@ -272,40 +272,70 @@ def test_wrong_model_type_is_one_line_from_the_command_line(base_env):
     assert "Traceback" not in proc.stderr
 
 
-def test_sft_sigkill_then_resume_is_bitwise_identical(base_env):
+# what a few steps of each fine-tuning stage take, from a base checkpoint (RL: 2 prompts x 2 answers of <= 8 tokens)
+STAGE_RUNS = {
+    "sft": ("scripts.chat_sft", ["--eval_steps=1"]),
+    "rl": ("scripts.chat_rl", ["--examples_per_step=2", "--num_samples=2", "--max_new_tokens=8", "--eval_examples=2",
+                               "--eval_every=-1", "--device_batch_size=2"]),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_RUNS))
+def test_sigkill_then_resume_is_bitwise_identical(base_env, stage):
     """Both runs are processes of the same binary with OMP_NUM_THREADS=1: the same float operations in the same
-    order, so bitwise equality holds on any machine."""
+    order, so bitwise equality holds on any machine. RL included: its problems and sampling seeds are a function of
+    the step, so the resumed run samples what the interrupted one would have."""
     for tag in ("ref", "victim"):  # the same seed: two identical base models under two tags
         base_train.main(["--model_type=gpt", *TINY, "--num_iterations=1", f"--model_tag={tag}"])
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_env), OMP_NUM_THREADS="1")
-    steps = 24
+    module, extra_flags = STAGE_RUNS[stage]
+    steps = 24 if stage == "sft" else 12
 
-    def sft(tag, *extra):
-        return subprocess.Popen([sys.executable, "-m", "scripts.chat_sft", "-i", "base", f"--model_tag={tag}",
-                                 f"--num_iterations={steps}", "--save_every=4", "--eval_steps=1", *extra],
+    def run(tag, *extra):
+        return subprocess.Popen([sys.executable, "-m", module, "-i", "base", f"--model_tag={tag}",
+                                 f"--num_iterations={steps}", "--save_every=4", *extra_flags, *extra],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def losses(tag):
-        with open(os.path.join(checkpoint_dir("sft", tag), "metrics.jsonl")) as f:
-            return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    def records(tag):
+        with open(os.path.join(checkpoint_dir(stage, tag), "metrics.jsonl")) as f:
+            return {r["step"]: (r.get("loss"), r.get("reward")) for r in map(json.loads, f) if "lrm" in r}
 
-    ref = sft("ref")  # runs beside the victim, on the other core
-    victim = sft("victim")
-    d = checkpoint_dir("sft", "victim")
+    ref = run("ref")  # runs beside the victim, on the other core
+    victim = run("victim")
+    d = checkpoint_dir(stage, "victim")
     # kill once a checkpoint exists and training went on past it
-    sigkill_when(victim, lambda: os.path.exists(os.path.join(d, "metrics.jsonl")) and len(losses("victim")) >= 10)
+    sigkill_when(victim, lambda: os.path.exists(os.path.join(d, "metrics.jsonl")) and len(records("victim")) >= 6)
     killed_at = find_last_step(d)
     assert 4 <= killed_at < steps
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out
 
-    resumed = sft("victim", "--resume")
+    resumed = run("victim", "--resume")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert f"Resuming {d} from step {killed_at}" in out
-    assert losses("victim") == losses("ref")  # bitwise: floats compared exactly
-    assert sorted(losses("ref")) == list(range(steps))
-    a, _, _ = load_model("sft", model_tag="ref")
-    b, _, _ = load_model("sft", model_tag="victim")
+    assert records("victim") == records("ref")  # bitwise: floats compared exactly
+    assert sorted(records("ref")) == list(range(steps))
+    a, _, _ = load_model(stage, model_tag="ref")
+    b, _, _ = load_model(stage, model_tag="victim")
     for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), k
+
+
+def test_rl_logs_every_n_steps_like_every_stage(base_env, capsys):
+    """chat_rl runs in the shared loop: --log_every reads the loss back every N steps only."""
+    base_train.main(["--model_type=gpt", *TINY, "--num_iterations=1"])
+    chat_rl.main(["-i", "base", "--model_tag=gpt_d1", "--num_iterations=5", "--log_every=2", *STAGE_RUNS["rl"][1]])
+    with open(os.path.join(checkpoint_dir("rl", "gpt_d1"), "metrics.jsonl")) as f:
+        logged = [r["step"] for r in map(json.loads, f) if "lrm" in r]
+    assert logged == [0, 1, 3, 4]  # the first step alone (warm-up), then every 2nd, and the last
+    out = capsys.readouterr().out
+    assert "reward" in out and "tok/s" in out and "eta" in out
+
+
+@pytest.mark.slow
+def test_rl_compiles_like_every_stage(base_env, capsys):
+    base_train.main(["--model_type=gpt", *TINY, "--num_iterations=1"])
+    result = chat_rl.main(["-i", "base", "--model_tag=gpt_d1", "--num_iterations=2", "--compile",
+                           *STAGE_RUNS["rl"][1]])
+    assert result["step"] == 2

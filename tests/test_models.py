@@ -410,7 +410,7 @@ def test_optimizer_groups(model_type):
 
 
 def test_nanochat_muon_weight_decay_scales_with_width_and_ramps_down():
-    from nanochat.trainer import optimizer_step, weight_decay_multiplier
+    from nanochat.steps import optimizer_step, weight_decay_multiplier
 
     model = build_model("gpt", small_config("gpt"))  # width 64: below the smallest width the scaling was measured at
     adamw, muon = model.setup_optimizers(weight_decay=0.1, muon_variant="nanochat")

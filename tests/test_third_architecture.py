@@ -183,3 +183,22 @@ def test_a_third_architecture_runs_everywhere(base_env, llama, capsys):
     assert set(results) == {"ARC-Easy", "Arithmetic"} and all(0.0 <= acc <= 1.0 for acc in results.values())
     assert "chat_eval/ChatCORE" in read_meta(result["checkpoint_dir"], 3)["metrics"]
 
+
+
+@pytest.mark.parametrize("match, key", [("--param_match", "total"), ("--flop_match", "flops")])
+def test_compare_matches_a_third_architecture_through_its_own_width_field(llama, match, key):
+    """scripts.compare adjusts the field the ModelSpec names (ffn_hidden here, not intermediate_size)."""
+    from nanochat import cli
+    from nanochat.compare.runs import plan_runs
+    from nanochat.config import BaseTrainConfig, CompareConfig
+    from nanochat.models import config_from_depth
+    from nanochat.plan import describe
+
+    config, rest = cli.parse(CompareConfig, ["--model_types", "gpt", "llama", "--depth", "4", match,
+                                             "--max_seq_len=256"], known=True)
+    runs = plan_runs(config, cli.parse(BaseTrainConfig, rest), vocab_size=4096)
+    (width,) = runs[1].overrides.items()
+    assert width[0] == "ffn_hidden" and runs[1].tag == f"cmp_llama_d4_{match[2]}m_s1"
+    shapes = {r.model_type: describe(r.model_type, config_from_depth(r.model_type, 4, 256, 4096, **r.overrides))
+              for r in runs[:2]}
+    assert abs(shapes["llama"][key] - shapes["gpt"][key]) <= 0.01 * shapes["gpt"][key]

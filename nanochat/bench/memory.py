@@ -26,7 +26,7 @@ def training_memory(spec):
     a tiny warm-up step, before the model is built). Meant for a fresh process."""
     from nanochat.mfu import peak_memory
     from nanochat.plan import current_rss, runtime_baseline
-    from nanochat.trainer import forward_backward, optimizer_step
+    from nanochat.steps import forward_backward, optimizer_step
 
     device_type = spec["device_type"]
     baseline = runtime_baseline(device_type)

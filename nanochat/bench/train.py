@@ -35,7 +35,7 @@ def training_fns(model, peer, x, y, device_type, compile=False):
     """Forward+backward, and a full step (forward+backward, clip at 1.0, optimizer, zero grads), of ours (AdamW +
     Muon, the trainer's optimizer_step) and of the peer (torch.optim.AdamW, as transformers users train).
     compile: torch.compile both models' forward+loss alike (the optimizers stay eager, as base_train's)."""
-    from nanochat.trainer import optimizer_step
+    from nanochat.steps import optimizer_step
 
     optimizers = quiet(model.setup_optimizers)
     peer_adamw = torch.optim.AdamW(peer.parameters(), lr=1e-4)

@@ -572,7 +572,7 @@ def test_run_is_confined_to_a_cgroup_with_limits_that_is_removed_afterwards():
     tmpfs = execution.WORKDIR_BYTES + execution.SHM_BYTES
     expected_memory = str(128 * 1024 ** 2 + tmpfs + execution.CGROUP_SLACK_BYTES)
     if "pids.max" in limits:
-        assert limits["pids.max"] == str(execution.MAX_PROCESSES + 4)
+        assert limits["pids.max"] == str(execution.MAX_PROCESSES + 5)  # + bwrap x 2, the prelude, the program
     assert limits.get("memory.max", limits.get("memory.limit_in_bytes")) in (expected_memory, None)
     assert limits.get("cpu.max", "100000 100000") == "100000 100000"
     assert limits.get("cpu.cfs_quota_us", "100000") == "100000"
@@ -802,3 +802,58 @@ def test_sandbox_in_parallel_threads_keeps_runs_apart():
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: execute_code(code), range(4)))
     assert all(r.success and r.stdout == "['mine']\n" for r in results), results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host resources beyond the documented limits, and how a run ended
+
+
+def free_bytes(path):
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+GROW_OUTPUT = {  # ways to grow an output file that a file-size limit does not see, and plain volume
+    "fallocate": "os.posix_fallocate(1, 0, 2 * 1024**3)",
+    "truncate": "os.ftruncate(1, 2 * 1024**3); os.ftruncate(2, 2 * 1024**3)",
+    "seek past the end": "os.lseek(1, 2 * 1024**3, 0); os.write(1, b'x')",
+    "volume": "while True: os.write(2, b'y' * 65536)",
+}
+
+
+@needs_sandbox
+@pytest.mark.parametrize("how", list(GROW_OUTPUT))
+def test_output_takes_no_host_disk(tmp_path, how):
+    """The program's stdout and stderr are pipes read into a bounded buffer: no file of the host grows, whatever
+    the program does to them (judged from outside: the free space of the temp dir's and the root file system)."""
+    disks = {tempfile_dir(), "/"}
+    before = {d: free_bytes(d) for d in disks}
+    result = execute_code(f"import os\ntry:\n    {GROW_OUTPUT[how]}\nexcept OSError as e:\n    print(e)\n", timeout=10)
+    for d in disks:
+        assert before[d] - free_bytes(d) < execution.FILE_SIZE_LIMIT, (how, d)  # other processes write too
+    assert not result.timeout, result  # a pipe refuses the first three; the volume is cut at the limit
+    assert len(result.stdout) < 11_000 and len(result.stderr) < 11_000
+    if how == "volume":
+        assert result.error == f"stopped: more than {execution.FILE_SIZE_LIMIT} bytes of output"
+
+
+def tempfile_dir():
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+@needs_sandbox
+def test_exit_status_137_is_not_memory():
+    result = execute_code("import sys\nsys.exit(137)")
+    assert not result.success and not result.memory_exceeded and result.error == "exited with status 137"
+    killed = execute_code("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert not killed.memory_exceeded and killed.error == "killed by signal SIGKILL"
+
+
+@needs_sandbox
+def test_lone_surrogate_is_a_result_not_an_exception():
+    result = execute_code("print('\ud800')")
+    assert not result.success and result.error.startswith("the code is not valid text")
+    ok = execute_code("print('caf\u00e9')")  # ordinary non-ASCII text runs
+    assert ok.success and ok.stdout == "caf\u00e9\n"
