@@ -38,14 +38,14 @@ TASKS = {
 }
 
 
-def _all_reduce_counts(passed, total, device):
-    """Sum (passed, total) over ranks when running under torchrun."""
+def _all_reduce_counts(counts, device):
+    """Sum integer counts over ranks when running under torchrun."""
     ddp, _, _, _ = get_dist_info()
     if not (ddp and dist.is_initialized()):
-        return passed, total
-    counts = torch.tensor([passed, total], dtype=torch.long, device=device)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return int(counts[0]), int(counts[1])
+        return counts
+    t = torch.tensor(counts, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [int(c) for c in t]
 
 
 def _num_problems(task, max_problems):
@@ -96,10 +96,9 @@ def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None
             predicted = letters[int(choice_logits.argmax())]
             passed += int(bool(task.evaluate(conversation, predicted)))
             total += 1
+    passed, total, truncated = _all_reduce_counts([passed, total, truncated], device)
     if truncated:
-        print(f"Rank {rank}: {truncated} prompts were longer than the model's context ({context}) and were cut "
-              "from the left")
-    passed, total = _all_reduce_counts(passed, total, device)
+        print0(f"{truncated} prompts were longer than the model's context ({context}) and were cut from the left")
     print0(f"Final: {passed}/{total} ({100 * passed / total:.2f}%)")
     return passed / total
 
@@ -130,9 +129,9 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_t
             passed += int(any(task.evaluate(conversations[j], completion) for completion in completions))
             total += 1
             bar.set_postfix_str(f"{passed}/{total} right")
+    passed, total, too_long = _all_reduce_counts([passed, total, too_long], device)
     if too_long:
-        print(f"Rank {rank}: {too_long} prompts did not fit the model's context ({context}) and count as failures")
-    passed, total = _all_reduce_counts(passed, total, device)
+        print0(f"{too_long} prompts did not fit the model's context ({context}) and count as failures")
     print0(f"Final: {passed}/{total} ({100 * passed / total:.2f}%)")
     return passed / total
 

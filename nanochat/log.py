@@ -39,7 +39,8 @@ class _Lines(tqdm):
     """tqdm that writes a whole line per update, no carriage returns: for logs and pipes."""
 
     def display(self, msg=None, pos=None):
-        if msg != "":
+        if msg != "" and (self.n, self.total) != getattr(self, "_shown", None):  # close() repeats the last line
+            self._shown = (self.n, self.total)
             self.fp.write(self.__str__() + "\n")
             self.fp.flush()
         return True

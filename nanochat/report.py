@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 
+from nanochat.log import print0
 from nanochat.mfu import cpu_name
 
 # -----------------------------------------------------------------------------
@@ -206,12 +207,12 @@ class Report:
                 os.remove(self.path(name))
         with open(self.path("header.md"), "w") as f:
             f.write(header())
-        print(f"New report: header written to {self.path('header.md')}")
+        print0(f"New report: header written to {self.path('header.md')}")
 
     def generate(self):
         """report.md: the header, every section in pipeline order, a summary table and the wall-clock time."""
         if not os.path.exists(self.path("header.md")):
-            print(f"no {self.path('header.md')}: writing one now (run `python -m nanochat.report reset` before "
+            print0(f"no {self.path('header.md')}: writing one now (run `python -m nanochat.report reset` before "
                   f"the first stage to record the start time and cost)")
             os.makedirs(self.report_dir, exist_ok=True)
             with open(self.path("header.md"), "w") as f:
@@ -248,7 +249,7 @@ class Report:
                 text += f"Estimated cost: ${rate * hours:.2f} at ${rate:.2f}/hour\n"
         with open(self.path("report.md"), "w") as f:
             f.write(text)
-        print(f"Report: {self.path('report.md')}")
+        print0(f"Report: {self.path('report.md')}")
         return self.path("report.md")
 
 

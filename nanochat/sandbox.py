@@ -16,6 +16,8 @@ import tempfile
 import time
 from functools import lru_cache
 
+from nanochat.log import print0
+
 
 class SandboxUnavailable(RuntimeError):
     """The sandbox cannot be set up here, so untrusted code is not run at all."""
@@ -283,6 +285,6 @@ def _remove_cgroups(paths, deadline):
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    print(f"nanochat.execution: could not remove cgroup {path}", file=sys.stderr)
+                    print0(f"warning: could not remove the sandbox's cgroup {path}")
                     break
                 time.sleep(0.002)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from nanochat.checkpoint import checkpoint_dir, list_steps, read_meta
 from nanochat.cli import normalize_argv, parse
 from nanochat.config import BaseTrainConfig
-from nanochat.log import UserError, print0
+from nanochat.log import UserError, print0, progress
 from nanochat.models import config_from_depth, get_model_spec, overrides_for
 from nanochat.plan import describe
 
@@ -166,15 +166,19 @@ def stages_of(run, config, rest, train):
 
 
 def execute(runs, config, rest, train, log_dir):
-    """Train and evaluate what is missing, run by run."""
+    """Train and evaluate what is missing, run by run, with a progress bar (and its ETA) over the stages."""
     os.makedirs(log_dir, exist_ok=True)
-    for i, run in enumerate(runs, 1):
-        stages = stages_of(run, config, rest, train)
+    todo = [(i, run, stages_of(run, config, rest, train)) for i, run in enumerate(runs, 1)]
+    for i, run, stages in todo:
         if not stages:
             print0(f"[{i}/{len(runs)}] {run.tag}: complete, reused")
+    bar = progress(desc="compare", total=sum(len(stages) for _, _, stages in todo), unit="stage", every=60.0)
+    for i, run, stages in todo:
         for name, script_args in stages:
             log_path = os.path.join(log_dir, f"{run.tag}.{name}.log")
-            print0(f"[{i}/{len(runs)}] {run.tag}: {name} ... (log: {log_path})")
+            bar.write(f"[{i}/{len(runs)}] {run.tag}: {name} ... (log: {log_path})")
             t0 = time.time()
             run_script(name, script_args, log_path, config.nproc_per_node)
-            print0(f"[{i}/{len(runs)}] {run.tag}: {name} done in {time.time() - t0:.0f}s")
+            bar.write(f"[{i}/{len(runs)}] {run.tag}: {name} done in {time.time() - t0:.0f}s")
+            bar.update()
+    bar.close()
