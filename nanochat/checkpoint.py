@@ -2,27 +2,25 @@
 Checkpoints that know their model type.
 
 Layout: $NANOCHAT_BASE_DIR/{base,mid,chatsft,chatrl}_checkpoints/{model_tag}/ with, per step,
-  model_{step:06d}.safetensors         weights (safe to load from strangers)
-  optim_{step:06d}_rank{r}.safetensors per-rank optimizer, dataloader and RNG state (for --resume)
-  meta_{step:06d}.json                 model_type, config, args, metrics, tokenizer hash, sha256 of the weights
+  model_{step:06d}.safetensors   weights (safe to load from strangers)
+  optim_{step:06d}_rank{r}.pt    per-rank optimizer, dataloader and RNG state (for --resume)
+  meta_{step:06d}.json           model_type, config, args, metrics, tokenizer hash, sha256 of the weights
 Every file is written atomically, and meta is written last: a step exists only once its meta file does,
 so a crash mid-save leaves the previous step as the latest complete one.
 
-Nothing in a checkpoint runs code when loaded: weights and rank state are safetensors, everything else JSON.
-A rank state file holds the tensors of the state (optimizer moments, RNG states) under their path in the state
-("optimizers/0/state/3/exp_avg"), and in its safetensors metadata the rest of the state as JSON, with a
-{"__tensor__": key} placeholder where each tensor was (see flatten_state). Older checkpoints (format_version 1)
-kept the rank state as optim_*_rank{r}.pt, a pickle: it is read with torch.load(weights_only=True), whose
-restricted unpickler accepts tensors and plain containers and refuses anything that would run code.
+Nothing in a checkpoint runs code when loaded: weights are safetensors, meta is JSON, and the rank state is written
+with torch.save and read with torch.load(weights_only=True), whose restricted unpickler accepts tensors and plain
+containers and refuses anything that would run code. Format 2 kept the rank state as optim_*_rank{r}.safetensors:
+its weights and meta load as before, and `python -m dev.convert_rank_state DIR` turns its rank state into .pt files
+so that --resume can continue from it.
 """
 
 import glob
 import hashlib
 import json
-import math
 import os
 import re
-import struct
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -31,12 +29,12 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from nanochat.cli import non_negative_int
-from nanochat.fileio import atomic_write_bytes, get_base_dir, remove_orphan_tmp_files
+from nanochat.fileio import atomic_write, atomic_write_bytes, get_base_dir, remove_orphan_tmp_files
 from nanochat.log import UserError, one_line, print0
 from nanochat.models import MODEL_TYPES, config_from_dict, config_to_dict
 
-FORMAT_VERSION = 2  # 2: rank state in optim_*_rank{r}.safetensors; 1: in optim_*_rank{r}.pt (pickle)
-RANK_STATE_FORMAT = "nanochat-rank-state"  # in the safetensors metadata, so a stray safetensors file is not taken
+FORMAT_VERSION = 3  # 3: rank state in optim_*_rank{r}.pt (torch.save); 2: in optim_*_rank{r}.safetensors
+CONVERT_COMMAND = "python -m dev.convert_rank_state"  # format 2 -> 3, for --resume
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "rl": "chatrl_checkpoints"}
 TRAIN_COMMANDS = {"base": "python -m scripts.base_train", "mid": "python -m scripts.mid_train",
@@ -85,137 +83,36 @@ def find_last_step(ckpt_dir):
 def _paths(ckpt_dir, step, rank=0):
     return (os.path.join(ckpt_dir, f"model_{step:06d}.safetensors"),
             os.path.join(ckpt_dir, f"meta_{step:06d}.json"),
-            os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.safetensors"))
-
-
-def _legacy_rank_path(ckpt_dir, step, rank):
-    return os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
+            os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt"))
 
 
 def rank_state_path(ckpt_dir, step, rank=0):
-    """The file load_rank_state reads: optim_*.safetensors, or the .pt of a format-1 checkpoint."""
-    path, legacy = _paths(ckpt_dir, step, rank)[2], _legacy_rank_path(ckpt_dir, step, rank)
-    return legacy if not os.path.exists(path) and os.path.exists(legacy) else path
+    """The file load_rank_state reads."""
+    return _paths(ckpt_dir, step, rank)[2]
 
 
-# -----------------------------------------------------------------------------
-# Rank state <-> safetensors + JSON. The state is a tree of dicts, lists and tuples whose leaves are tensors, ints,
-# floats, strings, bools and None (optimizer state_dicts, the dataloader state, RNG states). Tensors go to
-# safetensors; the tree goes to JSON, with tags for what JSON lacks, so the round trip is exact:
-#   {"__tensor__": key}   a tensor             {"__tuple__": [...]}           a tuple (AdamW's betas)
-#   {"__float__": "nan"}  nan, inf, -inf       {"__dict__": [[key, value]...]} a dict whose keys are not all plain
-#                                                                               strings (optimizer state: int keys)
-
-_TAGS = ("__tensor__", "__tuple__", "__float__", "__dict__")
-
-
-def _plain_key(k):
-    return isinstance(k, str) and not (k.startswith("__") and k.endswith("__"))
-
-
-def flatten_state(state):
-    """(tensors, tree): tensors (CPU, contiguous) keyed by their path in `state`; tree, the JSON-serialisable rest."""
-    tensors, storages = {}, set()
-
-    def encode(obj, path):
-        if isinstance(obj, torch.Tensor):
-            key = "/".join(path) or "root"
-            key = key if key not in tensors else f"{key}#{len(tensors)}"
-            t = obj.detach().to("cpu").contiguous()
-            if t.untyped_storage().data_ptr() in storages and t.numel() > 0:
-                t = t.clone()  # safetensors refuses two tensors that share memory
-            storages.add(t.untyped_storage().data_ptr())
-            tensors[key] = t
-            return {"__tensor__": key}
-        if obj is None or isinstance(obj, (bool, int, str)):
-            return obj
-        if isinstance(obj, float):
-            return obj if math.isfinite(obj) else {"__float__": repr(obj)}
-        if isinstance(obj, (list, tuple)):
-            items = [encode(v, path + [str(i)]) for i, v in enumerate(obj)]
-            return items if isinstance(obj, list) else {"__tuple__": items}
-        if isinstance(obj, dict):
-            if all(_plain_key(k) for k in obj):
-                return {k: encode(v, path + [k]) for k, v in obj.items()}
-            return {"__dict__": [[encode(k, path + ["key"]), encode(v, path + [str(k)])] for k, v in obj.items()]}
-        raise TypeError(f"cannot save a {type(obj).__name__} at {'/'.join(path) or 'the root'} of a rank state: "
-                        f"only tensors, dicts, lists, tuples, str, int, float, bool and None are saved")
-
-    return tensors, encode(state, [])
-
-
-def unflatten_state(tree, tensors):
-    """The inverse of flatten_state. Raises ValueError on a tree that flatten_state cannot have written."""
-
-    def decode(node):
-        if isinstance(node, list):
-            return [decode(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        if len(node) == 1 and next(iter(node)) in _TAGS:
-            tag, value = next(iter(node.items()))
-            if tag == "__tensor__":
-                if not isinstance(value, str) or value not in tensors:
-                    raise ValueError(f"placeholder for a tensor {value!r} that the file does not hold")
-                return tensors[value]
-            if tag == "__float__":
-                if value not in ("nan", "inf", "-inf"):
-                    raise ValueError(f"__float__ must be nan, inf or -inf, got {value!r}")
-                return float(value)
-            if not isinstance(value, list):
-                raise ValueError(f"{tag} must hold a list, got a {type(value).__name__}")
-            if tag == "__tuple__":
-                return tuple(decode(v) for v in value)
-            if not all(isinstance(kv, list) and len(kv) == 2 for kv in value):
-                raise ValueError("__dict__ must hold [key, value] pairs")
-            out = {}
-            for k, v in value:
-                k = decode(k)
-                if isinstance(k, (dict, list, torch.Tensor)):
-                    raise ValueError(f"a dict key cannot be a {type(k).__name__}")
-                out[k] = decode(v)
-            return out
-        return {k: decode(v) for k, v in node.items()}
-
-    return decode(tree)
-
-
-def encode_rank_state(state):
-    """One safetensors file (bytes): the tensors of `state`, and its JSON tree in the metadata."""
-    tensors, tree = flatten_state(state)
-    metadata = {"format": RANK_STATE_FORMAT, "version": "1", "state": json.dumps(tree, allow_nan=False)}
-    return safetensors_save(tensors, metadata=metadata)
-
-
-def _safetensors_metadata(data):
-    """The __metadata__ of a safetensors file (safetensors.torch.load returns only the tensors)."""
-    if len(data) < 8:
-        raise ValueError(f"{len(data)} bytes: too short for a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])  # header: 8-byte little-endian length, then that much JSON
-    if n > len(data) - 8:
-        raise ValueError(f"header length {n} exceeds the file size {len(data)}")
-    header = json.loads(data[8:8 + n])
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        raise ValueError("the header is not a JSON object with a __metadata__ object")
-    return header.get("__metadata__", {})
-
-
-def decode_rank_state(data):
-    """The inverse of encode_rank_state. Runs no code whatever the bytes: only JSON and safetensors are parsed.
-    Raises ValueError (or SafetensorError) on anything encode_rank_state cannot have written."""
-    metadata = _safetensors_metadata(data)
-    if metadata.get("format") != RANK_STATE_FORMAT:
-        raise ValueError(f"not a nanochat rank state (metadata format={metadata.get('format')!r})")
-    if metadata.get("version") != "1":
-        raise ValueError(f"rank state version {metadata.get('version')!r}; this version of nanochat reads 1")
-    tree = json.loads(metadata.get("state", "null"))
-    # clone: safetensors returns views into the immutable `data`; the optimizer updates its state in place
-    tensors = {k: v.clone() for k, v in safetensors_load(data).items()}
-    return unflatten_state(tree, tensors)
+def format2_rank_state_path(ckpt_dir, step, rank=0):
+    """Where a format-2 checkpoint kept the rank state (dev/convert_rank_state.py reads it)."""
+    return os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.safetensors")
 
 
 # -----------------------------------------------------------------------------
 # Saving
+
+
+def save_rank_state(path, state):
+    """torch.save `state` (optimizer/dataloader/RNG state: tensors in plain containers) to `path`, atomically.
+    A state that torch.load(weights_only=True) would refuse is a TypeError now, not a failed --resume later."""
+
+    def write(f):
+        torch.save(state, f)
+        f.flush()
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f.name)
+        if unsafe:
+            raise TypeError(f"a rank state may hold only tensors, plain containers and numbers, not "
+                            f"{', '.join(unsafe)}: torch.load(weights_only=True) would refuse it on --resume")
+
+    atomic_write(path, write)
 
 
 def save_checkpoint(ckpt_dir, step, model, meta, rank_state=None, rank=0):
@@ -224,7 +121,7 @@ def save_checkpoint(ckpt_dir, step, model, meta, rank_state=None, rank=0):
     os.makedirs(ckpt_dir, exist_ok=True)
     model_path, meta_path, rank_path = _paths(ckpt_dir, step, rank)
     if rank_state is not None:
-        atomic_write_bytes(rank_path, encode_rank_state(rank_state))
+        save_rank_state(rank_path, rank_state)
     if rank == 0:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         blob = safetensors_save(tensors, metadata={"model_type": model.model_type, "step": str(step)})
@@ -304,36 +201,40 @@ def read_meta(ckpt_dir, step):
 def load_rank_state(ckpt_dir, step, rank=0):
     """This rank's optimizer/dataloader/RNG state of a step, for --resume. Rank 0 also tidies the folder: temp
     files of killed writers and the files of incomplete steps after `step` (the resumed run writes them again).
-    Never runs code from the files (see the module docstring); any damage is a CheckpointError."""
+    Never runs code from the file (see the module docstring); any damage is a CheckpointError."""
     if rank == 0:
         remove_orphan_tmp_files(ckpt_dir)
         remove_incomplete_steps(ckpt_dir, after=step)
-    rank_path = rank_state_path(ckpt_dir, step, rank)
-    if rank_path.endswith(".pt"):
-        return _load_legacy_rank_state(rank_path)
+    path = rank_state_path(ckpt_dir, step, rank)
+    if not os.path.exists(path):
+        old = format2_rank_state_path(ckpt_dir, step, rank)
+        if os.path.exists(old):
+            raise CheckpointError(f"{old}: a format-2 rank state, which this version does not resume from; convert "
+                                  f"the checkpoint with `{CONVERT_COMMAND} {ckpt_dir}`, then resume")
+        raise CheckpointError(f"{path} is missing: this checkpoint cannot resume rank {rank} "
+                              f"(was it saved with a different number of processes?)")
     try:
-        with open(rank_path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"{rank_path} is missing: this checkpoint cannot resume rank {rank} "
-                              f"(was it saved with a different number of processes?)") from None
+        f = open(path, "rb")
     except OSError as e:
-        raise CheckpointError(f"cannot read {rank_path}: {one_line(e)}") from None
+        raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
     try:
-        return decode_rank_state(data)
-    except (SafetensorError, ValueError, TypeError, RecursionError) as e:
-        raise CheckpointError(f"{rank_path} is not a valid rank state file ({one_line(e)}): the file is damaged or "
-                              f"was not written by nanochat; resume from another step or start without --resume")
+        with f, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")  # a pickle torch.save did not write
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # the restricted unpickler's and the zip reader's errors vary; all mean "not loadable"
+        raise CheckpointError(f"{path} is not a valid rank state file ({_load_error(e)}): the file is damaged or "
+                              f"was not written by nanochat; resume from another step or start without --resume"
+                              ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a rank state (a dict): resume from "
+                              f"another step or start without --resume")
+    return state
 
 
-def _load_legacy_rank_state(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the restricted unpickler's errors vary by what it refused; all mean "not loadable"
-        raise CheckpointError(f"{path}: an old-format (.pt) rank state that does not load safely ({one_line(e)}). "
-                              f"It is read with torch.load(weights_only=True), which refuses pickles that run code; "
-                              f"start without --resume, or resume from a step saved by this version "
-                              f"(optim_*.safetensors)") from None
+def _load_error(e):
+    """What torch.load refused, without its advice to retry with weights_only=False (the one thing not to do)."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
+    return f"the restricted unpickler refused it: {one_line(m.group(1).split('. ')[0])}" if m else one_line(e)
 
 
 def remove_incomplete_steps(ckpt_dir, after):
@@ -341,13 +242,15 @@ def remove_incomplete_steps(ckpt_dir, after):
     complete = set(list_steps(ckpt_dir))
     removed = []
     for path in glob.glob(os.path.join(ckpt_dir, "*_*")):
-        m = re.fullmatch(r"(?:model|optim)_(\d+)(?:_rank\d+)?\.(?:safetensors|pt)", os.path.basename(path))
-        if m and int(m.group(1)) > after and int(m.group(1)) not in complete:
+        # optim_*.safetensors: the rank state of format 2, left by a save of that version cut short
+        m = re.fullmatch(r"model_(\d+)\.safetensors|optim_(\d+)_rank\d+\.(?:pt|safetensors)", os.path.basename(path))
+        step = int(m.group(1) or m.group(2)) if m else None
+        if m and step > after and step not in complete:
             os.remove(path)
             removed.append(os.path.basename(path))
     if removed:
         print0(f"removed the files of incomplete step(s) in {ckpt_dir} (no meta file): "
-                       f"{', '.join(sorted(removed)[:5])}{' ...' if len(removed) > 5 else ''}")
+               f"{', '.join(sorted(removed)[:5])}{' ...' if len(removed) > 5 else ''}")
     return removed
 
 

@@ -14,6 +14,7 @@ eval_data/*.jsonl[.gz]. The official bundle is downloaded once into $NANOCHAT_BA
 network the small offline bundle shipped in data/eval_bundle is used (fewer tasks, subsampled: not comparable).
 """
 
+import contextlib
 import csv
 import gzip
 import json
@@ -27,10 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
 from nanochat.fileio import download_file, get_base_dir, remove_orphan_tmp_files
 from nanochat.log import print0
+from nanochat.log import progress as progress_bar  # evaluate_core's flag is `progress`
 
 CORE_TASKS = [
     "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa", "commonsense_qa",
@@ -164,22 +165,30 @@ def evaluate_example(idx, model, tokenizer, data, device, task_meta):
     return mean_losses.index(min(mean_losses)) == item["gold"]
 
 
-def evaluate_task(model, tokenizer, data, device, task_meta, max_per_task=None, progress=False):
-    """Accuracy on data[:max_per_task] (None or <= 0: all). Under torchrun rank r scores items r::world_size and the
-    results are summed across ranks, so every rank returns the same accuracy."""
-    if max_per_task is not None and max_per_task > 0:
-        data = data[:max_per_task]
+def cut(data, max_per_task=None):
+    """data[:max_per_task]; None or <= 0: all of it."""
+    return data[:max_per_task] if max_per_task is not None and max_per_task > 0 else data
+
+
+def _rank_and_world_size():
+    ddp = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+
+
+def evaluate_task(model, tokenizer, data, device, task_meta, max_per_task=None, bar=None):
+    """Accuracy on cut(data, max_per_task). Under torchrun rank r scores items r::world_size and the results are
+    summed across ranks, so every rank returns the same accuracy. `bar`: a progress bar advanced once per item."""
+    data = cut(data, max_per_task)
     if task_meta["num_fewshot"] >= len(data):  # the few-shot donors are other items of the same (cut) task
         raise ValueError(f"task {task_meta.get('label')}: {task_meta['num_fewshot']}-shot prompts need at least "
                          f"{task_meta['num_fewshot'] + 1} items, got {len(data)}; use --max_per_task >= "
                          f"{task_meta['num_fewshot'] + 1} (or -1 for all)")
-    ddp = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank, world_size = _rank_and_world_size()
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
-    indices = range(rank, len(data), world_size)
-    show = progress and rank == 0
-    for idx in tqdm(indices, desc=task_meta.get("label"), leave=False, disable=None if show else True):  # None: a tty
+    for idx in range(rank, len(data), world_size):
         correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
+        if bar is not None:
+            bar.update()
     if world_size > 1:
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
     return correct.mean().item()
@@ -225,7 +234,7 @@ def load_task_data(bundle_dir, task):
 
 
 def download_bundle(dest_dir, url=OFFICIAL_BUNDLE_URL, sha256=OFFICIAL_BUNDLE_SHA256, retries=3, timeout=60):
-    """Download a zipped bundle (common.download_file: retries, sha256 check), extract it to dest_dir. dest_dir
+    """Download a zipped bundle (fileio.download_file: retries, sha256 check), extract it to dest_dir. dest_dir
     appears complete or not at all (extracted to a temp folder, then renamed); a checksum mismatch is never retried
     nor extracted. Raises DownloadError (a RuntimeError; ChecksumError, a ValueError, on a mismatch)."""
     parent = os.path.dirname(os.path.abspath(dest_dir))
@@ -288,16 +297,23 @@ def prepare_bundle(bundle_dir=None):
 
 
 def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, progress=True):
-    """Every task of the bundle: {"results": {label: accuracy}, "centered": {label: centered}, "core": mean}."""
-    results, centered = {}, {}
+    """Every task of the bundle: {"results": {label: accuracy}, "centered": {label: centered}, "core": mean}.
+    progress: a bar with an ETA over the items of all tasks (off inside training, whose log it would break up)."""
+    tasks = []
     for task in load_bundle(bundle_dir):
-        t0 = time.time()
         data = load_task_data(bundle_dir, task)
         random.Random(SHUFFLE_SEED).shuffle(data)
-        label = task["label"]
-        results[label] = evaluate_task(model, tokenizer, data, device, task, max_per_task, progress)
-        centered[label] = centered_accuracy(results[label], task["random_baseline"])
-        print0(f"{label:34s} ({task['num_fewshot']:2d}-shot, {task['task_type']:17s}) accuracy: {results[label]:.4f} "
-               f"| centered: {centered[label]:+.4f} | {time.time() - t0:.1f}s")
+        tasks.append((task, cut(data, max_per_task)))
+    rank, world_size = _rank_and_world_size()
+    total = sum(len(range(rank, len(data), world_size)) for _, data in tasks)
+    results, centered = {}, {}
+    with progress_bar(desc="CORE", total=total, unit="item") if progress else contextlib.nullcontext() as bar:
+        for task, data in tasks:
+            t0 = time.time()
+            label = task["label"]
+            results[label] = evaluate_task(model, tokenizer, data, device, task, bar=bar)
+            centered[label] = centered_accuracy(results[label], task["random_baseline"])
+            print0(f"{label:34s} ({task['num_fewshot']:2d}-shot, {task['task_type']:17s}) accuracy: "
+                   f"{results[label]:.4f} | centered: {centered[label]:+.4f} | {time.time() - t0:.1f}s")
     core = sum(centered.values()) / len(centered) if centered else float("nan")
     return {"results": results, "centered": centered, "core": core}

@@ -23,10 +23,9 @@ from multiprocessing.pool import ThreadPool
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from nanochat.fileio import DownloadError, atomic_write_bytes, download_file, get_base_dir
-from nanochat.log import UserError, one_line, print0
+from nanochat.log import UserError, one_line, print0, progress
 
 SPLITS = ("train", "val")
 
@@ -107,7 +106,7 @@ def build_embedded_shards(out_dir=None, force=False):
     for stale in set(os.listdir(out_dir)) - set(names):  # e.g. shards of an older, larger layout
         if stale.endswith(".parquet"):
             os.remove(os.path.join(out_dir, stale))
-    for name, shard in tqdm(list(zip(names, shards)), desc="embedded corpus shards", disable=None):
+    for name, shard in zip(names, shards):  # well under a second: no progress bar
         write_shard(os.path.join(out_dir, name), shard)
     marker = {"fingerprint": fingerprint, "files": names, "num_docs": len(docs), "num_val_docs": n_val}
     atomic_write_bytes(marker_path, json.dumps(marker, indent=2).encode())
@@ -282,8 +281,8 @@ def validate_parquet(path):
 
 
 def download_shard(index, data_dir, base_url=BASE_URL, attempts=5, backoff=2.0, timeout=30):
-    """Download one shard (skipped if present) with common.download_file: validated, then renamed into place.
-    Retries with exponential backoff: waits backoff, 2*backoff, 4*backoff, ... seconds. Returns True on success."""
+    """Download one shard (skipped if present) with fileio.download_file: validated, then renamed into place, with
+    up to `attempts` requests and exponential backoff between them. Returns True on success."""
     filename = shard_filename(index)
     path = os.path.join(data_dir, filename)
     if os.path.exists(path):  # only ever created by the rename in download_file, after validation
@@ -294,9 +293,8 @@ def download_shard(index, data_dir, base_url=BASE_URL, attempts=5, backoff=2.0, 
                       name=filename, chunk_bytes=CHUNK_BYTES)
     except DownloadError as e:
         why = f": {e}" if e.permanent else f" after {e.attempts} attempts: {e.reason}"
-        print(f"Failed {filename}{why}", flush=True)
+        print0(f"Failed {filename}{why}")
         return False
-    print(f"Downloaded {filename}", flush=True)
     return True
 
 
@@ -306,13 +304,14 @@ def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, a
     base_url = base_url or os.environ.get("NANOCHAT_DATA_URL") or BASE_URL
     num_shards = MAX_SHARD + 1 if num_files == -1 else min(num_files, MAX_SHARD + 1)
     os.makedirs(data_dir, exist_ok=True)
-    print(f"Downloading {num_shards} shards with {num_workers} workers from {base_url} to {data_dir}", flush=True)
+    print0(f"Downloading {num_shards} shards with {num_workers} workers from {base_url} to {data_dir}")
     fn = partial(download_shard, data_dir=data_dir, base_url=base_url, attempts=attempts, backoff=backoff)
     with ThreadPool(num_workers) as pool:  # downloads wait on the network, so threads are enough
-        ok = pool.map(fn, range(num_shards))
-    failed = [i for i, good in enumerate(ok) if not good]
-    print(f"Done: {num_shards - len(failed)}/{num_shards} shards in {data_dir}"
-          + (f"; failed: {failed} (run the command again to retry)" if failed else ""), flush=True)
+        done = pool.imap_unordered(lambda i: (i, fn(i)), range(num_shards))  # unordered: the bar moves as they end
+        ok = dict(progress(done, desc="shards", total=num_shards, unit="shard"))
+    failed = sorted(i for i, good in ok.items() if not good)
+    print0(f"Done: {num_shards - len(failed)}/{num_shards} shards in {data_dir}"
+           + (f"; failed: {failed} (run the command again to retry)" if failed else ""))
     return failed
 
 

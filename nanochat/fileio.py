@@ -18,15 +18,24 @@ def get_base_dir():
     return base
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write via temp file + fsync + rename, so a crash never leaves a half-written file under `path`.
-    A kill mid-write leaves only `{path}.tmp.{pid}`, which remove_orphan_tmp_files() clears later."""
+def atomic_write(path, write):
+    """Call write(f) on a temp file, fsync it and rename it to `path`, so a crash never leaves a half-written file
+    under `path`. A kill mid-write leaves only `{path}.tmp.{pid}`, which remove_orphan_tmp_files() clears later;
+    an exception removes it at once."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path, data: bytes):
+    atomic_write(path, lambda f: f.write(data))
 
 
 TMP_SUFFIX = re.compile(r"\.tmp(?:\.(\d+))?$")  # "x.tmp.<pid>" (atomic writes) or "x.tmp" (older downloads)
@@ -81,73 +90,101 @@ class ChecksumError(DownloadError, ValueError):
     """The downloaded bytes are not the expected ones (sha256 mismatch): never installed, never retried."""
 
 
+RETRIED_STATUS = frozenset([408, 429, *range(500, 600)])  # request timeout, rate limit, server errors
+
+
 def download_file(url, path, retries=5, backoff=2.0, timeout=30, expected_sha256=None, validate=None, name=None,
                   chunk_bytes=1 << 20):
     """Download `url` to `path`: streamed to `{path}.tmp.{pid}`, checked, then renamed into place, so `path` is
-    complete or absent. Checks: the Content-Length (a cut transfer), `expected_sha256` (a mismatch is permanent:
-    the file is not the expected one), and `validate(tmp_path)` (e.g. a parquet footer check; any exception means
-    a broken download). Retries network errors, HTTP 5xx/408/429 and failed checks, waiting backoff, 2*backoff,
-    4*backoff, ... seconds; other HTTP 4xx (e.g. 404) are not retried. Raises DownloadError (ChecksumError)."""
-    import requests  # here, so that importing common stays light
+    complete or absent. Checks: the Content-Length (urllib3 refuses a body cut short), `expected_sha256` (a mismatch
+    is permanent: the file is not the expected one), and `validate(tmp_path)` (e.g. a parquet footer check; any
+    exception means a broken download). Up to `retries` requests in all: urllib3's Retry repeats connection errors,
+    read timeouts and HTTP 408/429/5xx, waiting 0, backoff, 2*backoff, ... seconds; a body or check that fails after
+    the headers came is fetched again here, with the same waits. Other HTTP 4xx (e.g. 404) are not retried.
+    Raises DownloadError (ChecksumError)."""
+    import requests  # here, so that importing fileio stays light
 
     name = name or os.path.basename(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     remove_orphan_tmp_files(directory, prefix=os.path.basename(path) + ".tmp")
     tmp = f"{path}.tmp.{os.getpid()}"
+    made = 0  # requests so far
     try:
-        for attempt in range(1, retries + 1):
+        while True:
             try:
-                _fetch(requests, url, tmp, timeout, chunk_bytes, expected_sha256)
-                if validate is not None:
-                    try:
-                        validate(tmp)
-                    except Exception as e:  # the callback decides what is broken; any failure means retry
-                        raise _Retryable(f"invalid download: {one_line(e)}") from e
+                _attempt(requests, url, tmp, retries - made, backoff, timeout, chunk_bytes, expected_sha256, validate)
                 os.replace(tmp, path)
                 return path
-            except _Permanent as e:
-                cls = ChecksumError if e.checksum else DownloadError
-                raise cls(f"could not download {url}: {e}", url, str(e), attempt, permanent=True) from None
-            except (_Retryable, requests.RequestException, OSError) as e:
-                reason = one_line(e)
-                if attempt == retries:
-                    raise DownloadError(f"could not download {url} after {retries} attempts ({reason})", url,
-                                        reason, attempt) from None
-                wait = backoff * 2 ** (attempt - 1)
-                print0(f"Attempt {attempt}/{retries} for {name} failed ({reason}); retrying in {wait:.1f}s")
+            except _Failed as e:
+                made += e.made
+                if e.kind in ("permanent", "checksum"):
+                    cls = ChecksumError if e.kind == "checksum" else DownloadError
+                    raise cls(f"could not download {url}: {e}", url, str(e), made, permanent=True) from None
+                if e.kind == "spent" or made >= retries:
+                    raise DownloadError(f"could not download {url} after {made} attempts ({e})", url, str(e),
+                                        made) from None
+                wait = backoff * 2 ** (made - 1)
+                print0(f"Attempt {made}/{retries} for {name} failed ({e}); retrying in {wait:.1f}s")
                 time.sleep(wait)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-class _Retryable(Exception):
-    pass
+class _Failed(Exception):
+    """An attempt that failed after `made` requests. kind: "body" (the body or a check failed after the headers:
+    worth another request), "spent" (urllib3's Retry used up the attempts), "permanent" or "checksum"."""
 
-
-class _Permanent(Exception):
-    def __init__(self, message, checksum=False):
+    def __init__(self, message, made, kind):
         super().__init__(message)
-        self.checksum = checksum
+        self.made, self.kind = made, kind
 
 
-def _fetch(requests, url, tmp, timeout, chunk_bytes, expected_sha256):
-    digest, written = hashlib.sha256(), 0
-    with requests.get(url, stream=True, timeout=(10, timeout)) as r:
-        if 400 <= r.status_code < 500 and r.status_code not in (408, 429):  # timeout and rate limit: retried
-            raise _Permanent(f"HTTP {r.status_code} (not retried)")
-        r.raise_for_status()
-        with open(tmp, "wb") as f:  # "wb": whatever an earlier attempt left is overwritten
-            for chunk in r.iter_content(chunk_size=chunk_bytes):
-                f.write(chunk)
-                digest.update(chunk)
-                written += len(chunk)
-        expected = r.headers.get("Content-Length")
-        # requests decodes gzip/deflate on the fly: the length only counts for undecoded bodies
-        if expected is not None and r.headers.get("Content-Encoding", "identity") == "identity":
-            if written != int(expected):
-                raise _Retryable(f"truncated download: got {written} of {expected} bytes")
+def _session(requests, attempts, backoff):
+    """A requests session that makes up to `attempts` requests per get(): retries are urllib3's."""
+    from urllib3.util import Retry
+
+    retry = Retry(total=attempts - 1, status_forcelist=RETRIED_STATUS, backoff_factor=backoff / 2,
+                  allowed_methods=["GET"], raise_on_status=False)  # the last error response is returned, not raised
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _attempt(requests, url, tmp, attempts, backoff, timeout, chunk_bytes, expected_sha256, validate):
+    """One get() (retried by urllib3 until its headers come), its body streamed to `tmp`, then checked."""
+    from urllib3.exceptions import MaxRetryError
+
+    with _session(requests, attempts, backoff) as session:
+        try:
+            r = session.get(url, stream=True, timeout=(10, timeout))
+        except requests.RequestException as e:  # MaxRetryError inside: the attempts are spent; else not retryable
+            cause = e.args[0] if e.args else None
+            spent = isinstance(cause, MaxRetryError)
+            raise _Failed(one_line(cause.reason if spent else e), attempts if spent else 1,
+                          "spent" if spent else "permanent") from None
+        with r:
+            made = len(r.raw.retries.history) + 1 if r.raw.retries is not None else 1
+            if r.status_code >= 400:
+                if r.status_code in RETRIED_STATUS:
+                    raise _Failed(f"HTTP {r.status_code}", made, "spent")
+                raise _Failed(f"HTTP {r.status_code} (not retried)", made, "permanent")
+            digest = hashlib.sha256()
+            try:
+                with open(tmp, "wb") as f:  # "wb": whatever an earlier attempt left is overwritten
+                    for chunk in r.iter_content(chunk_size=chunk_bytes):
+                        f.write(chunk)
+                        digest.update(chunk)
+            except (requests.RequestException, OSError) as e:  # cut short (urllib3 checks the length), a timeout
+                raise _Failed(f"truncated or stalled download: {one_line(e)}", made, "body") from None
     if expected_sha256 and digest.hexdigest() != expected_sha256.lower():
-        raise _Permanent(f"sha256 {digest.hexdigest()} does not match the expected {expected_sha256}; "
-                         f"the file was not installed", checksum=True)
+        raise _Failed(f"sha256 {digest.hexdigest()} does not match the expected {expected_sha256}; the file was not "
+                      f"installed", made, "checksum")
+    if validate is not None:
+        try:
+            validate(tmp)
+        except Exception as e:  # the callback decides what is broken; any failure means fetch again
+            raise _Failed(f"invalid download: {one_line(e)}", made, "body") from e

@@ -12,6 +12,7 @@ import json
 import os
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
@@ -258,16 +259,10 @@ def export(model, tokenizer, out_dir, meta=None, dtype=torch.float32, ignore_dro
 
 def model_card(model, meta, out_dir):
     """README.md: what the model is, how it was trained, its metrics, how to use it, the data's licences."""
-    c, mt, hf_type = model.config, model.model_type, mapping(model.model_type).hf_type
-    args, metrics = meta.get("train_args") or {}, meta.get("metrics") or {}
-    step, batch = meta.get("step"), args.get("total_batch_size", -1)
-    tokens = f"{step * batch:,} ({step:,} steps x {batch:,} tokens)" if step and batch and batch > 0 else \
-        f"{step} steps (batch size picked automatically; see train_args in the checkpoint's meta)"
-    rows = [("architecture", f"nanochat `{mt}` -> transformers `{hf_type}` (`{mapping(mt).hf_class}`)"),
-            ("depth (layers)", c.n_layer), ("width, heads, kv heads", f"{c.n_embd}, {c.n_head}, {c.n_kv_head}"),
-            ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"), ("context", c.sequence_len),
-            ("vocab", c.vocab_size), ("stage", meta.get("source", "?")), ("training tokens", tokens)]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    mt, hf_type = model.model_type, mapping(model.model_type).hf_type
+    front_matter = {"library_name": "transformers", "pipeline_tag": "text-generation",
+                    "tags": list(dict.fromkeys(["nanochat", mt, hf_type]))}
+    metrics = meta.get("metrics") or {}
     metric_rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                             for k, v in metrics.items() if v is not None) or "| (none recorded) | |"
     chat_data = "" if meta.get("source", "base") == "base" else (
@@ -275,13 +270,27 @@ def model_card(model, meta, out_dir):
         "the SCOWL word list (spelling tasks; its own notice) and generated chat data (MIT); see "
         "`data/tasks/LICENSES.md` in nanochat (GPT | Alcoholic).\n")
     name = meta.get("model_tag") or os.path.basename(os.path.abspath(out_dir))
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags: [{", ".join(dict.fromkeys(["nanochat", mt, hf_type]))}]
----
+    # default_flow_style=None: lists of plain values inline ("tags: [nanochat, gpt]"), the mapping as a block
+    return (f"---\n{yaml.safe_dump(front_matter, sort_keys=False, default_flow_style=None)}---\n\n"
+            + _card_body(name, mt, hf_type, _card_table(model, meta), metric_rows, chat_data))
 
-# {name}
+
+def _card_table(model, meta):
+    """The model card's summary: architecture, sizes, stage and training tokens."""
+    c, mt = model.config, model.model_type
+    args, step = meta.get("train_args") or {}, meta.get("step")
+    batch = args.get("total_batch_size", -1)
+    tokens = f"{step * batch:,} ({step:,} steps x {batch:,} tokens)" if step and batch and batch > 0 else \
+        f"{step} steps (batch size picked automatically; see train_args in the checkpoint's meta)"
+    rows = [("architecture", f"nanochat `{mt}` -> transformers `{mapping(mt).hf_type}` (`{mapping(mt).hf_class}`)"),
+            ("depth (layers)", c.n_layer), ("width, heads, kv heads", f"{c.n_embd}, {c.n_head}, {c.n_kv_head}"),
+            ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"), ("context", c.sequence_len),
+            ("vocab", c.vocab_size), ("stage", meta.get("source", "?")), ("training tokens", tokens)]
+    return "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def _card_body(name, mt, hf_type, table, metric_rows, chat_data):
+    return f"""# {name}
 
 This `{mt}` model was trained with nanochat (GPT | Alcoholic) and exported to transformers' native `{hf_type}`
 architecture: no `trust_remote_code`, and in fp32 its logits are those of the original checkpoint.

@@ -14,7 +14,10 @@ def print0(*args, **kwargs):
     errors go to stderr through nanochat.cli.run."""
     if int(os.environ.get("RANK", 0)) == 0:
         kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
+        # a progress bar on the terminal steps aside for the line and is redrawn below it (nolock: no lock is
+        # created in processes that never show a bar)
+        with tqdm.external_write_mode(file=kwargs.get("file"), nolock=True):
+            print(*args, **kwargs)
 
 
 class UserError(Exception):

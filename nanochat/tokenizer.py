@@ -21,7 +21,7 @@ import torch
 
 from nanochat.dataset import parquets_iter_batched
 from nanochat.fileio import atomic_write_bytes, get_base_dir
-from nanochat.log import UserError, print0
+from nanochat.log import UserError, print0, progress
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document begins with it
@@ -321,11 +321,13 @@ def train_tokenizer(vocab_size=65536, max_chars=2_000_000_000, doc_cap=10_000, t
     tokenizer_dir = tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
     stats = {"chars": 0, "docs": 0}
 
-    def counted():
-        for doc in text_iterator(max_chars, doc_cap):
-            stats["chars"] += len(doc)
-            stats["docs"] += 1
-            yield doc
+    def counted():  # the bar counts characters read, up to max_chars; the merges that follow are not counted
+        with progress(desc="tokenizer text", total=max_chars, unit="char", unit_scale=True) as bar:
+            for doc in text_iterator(max_chars, doc_cap):
+                stats["chars"] += len(doc)
+                stats["docs"] += 1
+                bar.update(min(len(doc), max_chars - bar.n))  # the last document may pass max_chars
+                yield doc
 
     t0 = time.time()
     tokenizer = RustBPETokenizer.train_from_iterator(counted(), vocab_size)

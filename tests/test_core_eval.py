@@ -433,7 +433,7 @@ def test_download_gives_up_after_retries(tmp_path, server, no_sleep):
     with pytest.raises(RuntimeError, match="after 3 attempts"):
         download_bundle(str(tmp_path / "eval_bundle"), server.url + "/flaky.zip", None, retries=3)
     assert len(server.requests) == 3
-    # a missing file (404) is not retried: the bundle and the shards share common.download_file
+    # a missing file (404) is not retried: the bundle and the shards share fileio.download_file
     with pytest.raises(RuntimeError, match="HTTP 404"):
         download_bundle(str(tmp_path / "eval_bundle"), server.url + "/missing.zip", None, retries=3)
     assert len(server.requests) == 4

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
@@ -167,7 +168,8 @@ def parquet_bytes(index, rows=400):
 
 class ShardServer:
     """Serves shard_XXXXX.parquet files; `behaviour(name, attempt)` picks the response for each request:
-    "ok", "500", "404", "short" (fewer bytes than the Content-Length) or "cut" (a cut file, consistent length)."""
+    "ok", "500", "404", "408", "429", "short" (fewer bytes than the Content-Length), "cut" (a cut file, consistent
+    length) or "slow" (headers only after 1 s)."""
 
     def __init__(self, num_shards):
         self.files = {shard_filename(i): parquet_bytes(i) for i in range(num_shards)}
@@ -182,9 +184,11 @@ class ShardServer:
                     server.requests[name] += 1
                     attempt = server.requests[name]
                 action = server.behaviour(name, attempt) if name in server.files else "404"
-                if action in ("500", "404"):
+                if action in ("500", "404", "408", "429"):
                     self.send_error(int(action))
                     return
+                if action == "slow":
+                    time.sleep(1.0)
                 data = server.files[name]
                 body = data[: len(data) // 2] if action in ("short", "cut") else data
                 self.send_response(200)
@@ -285,7 +289,7 @@ def test_cli(base_dir, server, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# common.download_file, the one download helper (shards here, the CORE bundle in core_eval)
+# fileio.download_file, the one download helper (shards here, the CORE bundle in core_eval)
 
 
 def test_download_file_checksum(tmp_path, server):
@@ -301,6 +305,16 @@ def test_download_file_checksum(tmp_path, server):
     good = hashlib.sha256(server.files[name]).hexdigest()
     assert download_file(url, str(path), expected_sha256=good.upper(), validate=dataset.validate_parquet) == str(path)
     assert path.read_bytes() == server.files[name] and os.listdir(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("first", ["408", "429", "slow"])
+def test_download_file_retries_timeouts_and_rate_limits(tmp_path, server, first):
+    from nanochat.fileio import download_file
+
+    name = shard_filename(0)
+    server.behaviour = lambda name, attempt: first if attempt == 1 else "ok"
+    download_file(f"{server.url}/{name}", str(tmp_path / name), retries=2, backoff=0, timeout=0.3)
+    assert (tmp_path / name).read_bytes() == server.files[name] and server.requests[name] == 2
 
 
 def test_download_file_removes_temp_files_of_dead_downloads(tmp_path, server):

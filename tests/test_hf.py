@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,6 +127,10 @@ def test_export_directory(exported, tokenizer):
     with open(os.path.join(out_dir, "README.md")) as f:
         card = f.read()
     assert "qwen3" in card and "val_bpb" in card and "ODC-By" in card
+    _, front_matter, body = card.split("---\n", 2)
+    assert yaml.safe_load(front_matter) == {"library_name": "transformers", "pipeline_tag": "text-generation",
+                                            "tags": ["nanochat", "alcoholic", "qwen3"]}
+    assert body.startswith("\n# ")
 
 
 def test_rms_norm_default_eps_is_fp32_epsilon():

@@ -3,6 +3,7 @@ broken shards are skipped instead of hanging the loader, and a kill mid-save lea
 See docs/reliability.md ("Checkpoints and data")."""
 
 import ast
+import io
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -101,88 +103,73 @@ def save_step(base, step=5, tag="t", rank_state=None):
     return d
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the raw pickle.dump file
-@pytest.mark.parametrize("how", ["torch_save", "raw_pickle"])
-def test_pickle_in_old_optim_file_never_runs(base_env, tmp_path, how):
-    d = save_step(base_env, rank_state={"x": torch.arange(3)})
-    os.remove(os.path.join(d, "optim_000005_rank0.safetensors"))  # as a format-1 checkpoint: only the .pt
-    marker = tmp_path / "pwned"
-    payload = {"optimizers": [Plant(marker)], "rng": {"torch": torch.get_rng_state()}}
-    with open(os.path.join(d, "optim_000005_rank0.pt"), "wb") as f:
-        torch.save(payload, f) if how == "torch_save" else pickle.dump(payload, f)
-    with pytest.raises(CheckpointError, match=r"optim_000005_rank0\.pt: an old-format \(\.pt\) rank state") as e:
-        load_rank_state(d, 5)
-    assert "weights_only=True" in one_line_error(e.value) and "without --resume" in str(e.value)
-    assert not marker.exists()
-
-
-def test_benign_old_optim_file_still_resumes(base_env):
-    state = {"optimizers": [{"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"betas": (0.8, 0.95)}]}],
-             "dataloader": {"buffer": [1, 2], "cur_pos": [0, 1]}, "rng": {"torch": torch.get_rng_state()}}
-    d = save_step(base_env, rank_state=state)
-    os.remove(os.path.join(d, "optim_000005_rank0.safetensors"))
-    torch.save(state, os.path.join(d, "optim_000005_rank0.pt"))
-    loaded = load_rank_state(d, 5)
-    assert loaded["optimizers"][0]["param_groups"][0]["betas"] == (0.8, 0.95)
-    assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
-
-
-def rank_state_file(state_json, tensors=None, fmt="nanochat-rank-state", version="1"):
-    return safetensors_save(tensors or {}, metadata={"format": fmt, "version": version, "state": state_json})
-
-
-CRAFTED = {
-    "pickle named .safetensors": lambda marker: pickle.dumps({"optimizers": [Plant(marker)]}),
-    "torch.save named .safetensors": lambda marker: _torch_save_bytes({"x": Plant(marker)}),
-    "reduce-like tree": lambda marker: rank_state_file(json.dumps(
-        {"__reduce__": ["builtins.open", [str(marker), "w"]], "__class__": "os.system"})),
-    "placeholder to a missing tensor": lambda marker: rank_state_file(json.dumps({"rng": {"__tensor__": "nope"}})),
-    "unknown format": lambda marker: rank_state_file("{}", fmt="pickle"),
-    "newer version": lambda marker: rank_state_file("{}", version="99"),
-    "state not JSON": lambda marker: rank_state_file("{'optimizers': [}"),
-    "empty": lambda marker: b"",
-    "garbage": lambda marker: bytes(range(256)) * 4,
-    "truncated": lambda marker: rank_state_file(json.dumps({"t": {"__tensor__": "t"}}), {"t": torch.ones(64)})[:-50],
-    "huge header length": lambda marker: (2**62).to_bytes(8, "little") + b"{}",
-}
+class Foreign:
+    """A plain object of a class the restricted unpickler does not know: refused though its unpickling runs nothing."""
 
 
 def _torch_save_bytes(obj):
-    import io
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def _zip_bytes():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.txt", "not a checkpoint")
+    return buf.getvalue()
+
+
+CRAFTED = {
+    "torch.save that runs code": lambda marker: _torch_save_bytes({"optimizers": [Plant(marker)]}),
+    "raw pickle that runs code": lambda marker: pickle.dumps({"optimizers": [Plant(marker)]}),
+    "pickle protocol 0 that runs code": lambda marker: pickle.dumps({"x": Plant(marker)}, protocol=0),
+    "foreign class": lambda marker: _torch_save_bytes({"x": Foreign()}),
+    "format-2 safetensors named .pt": lambda marker: safetensors_save(
+        {"t": torch.ones(3)}, metadata={"format": "nanochat-rank-state", "version": "1", "state": "{}"}),
+    "zip of something else": lambda marker: _zip_bytes(),
+    "not a dict": lambda marker: _torch_save_bytes([torch.ones(2), 3]),
+    "empty": lambda marker: b"",
+    "garbage": lambda marker: bytes(range(256)) * 4,
+    "truncated": lambda marker: _torch_save_bytes({"t": torch.ones(4096)})[:-200],
+}
 
 
 @pytest.mark.parametrize("kind", list(CRAFTED))
 def test_crafted_rank_state_never_runs_and_is_one_line_error(base_env, tmp_path, kind):
     d = save_step(base_env, rank_state={"x": torch.arange(3)})
     marker = tmp_path / "pwned"
-    with open(os.path.join(d, "optim_000005_rank0.safetensors"), "wb") as f:
+    with open(os.path.join(d, "optim_000005_rank0.pt"), "wb") as f:
         f.write(CRAFTED[kind](marker))
-    if kind == "reduce-like tree":  # well-formed: it loads as the plain data it is, and nothing runs
-        assert load_rank_state(d, 5)["__class__"] == "os.system"
-    else:
-        with pytest.raises(CheckpointError, match=r"optim_000005_rank0\.safetensors is not a valid rank state") as e:
-            load_rank_state(d, 5)
-        one_line_error(e.value)
+    with pytest.raises(CheckpointError, match=r"optim_000005_rank0\.pt (is not a valid rank state|holds a list)") as e:
+        load_rank_state(d, 5)
+    assert "without --resume" in one_line_error(e.value)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("plant", ["old .pt pickle", "well-formed foreign state"])
+def test_reduce_like_plain_data_loads_as_data(base_env, tmp_path):
+    marker = tmp_path / "pwned"
+    d = save_step(base_env, rank_state={"__reduce__": ["builtins.open", [str(marker), "w"]], "__class__": "os.system"})
+    assert load_rank_state(d, 5) == {"__reduce__": ["builtins.open", [str(marker), "w"]], "__class__": "os.system"}
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("plant", ["pickle that runs code", "well-formed foreign state", "format 2"])
 def test_resume_from_planted_optim_file_is_one_line_cli_error(base_env, tmp_path, capsys, plant):
     from scripts import base_train
 
     base_train.main([*TINY, "--num_iterations=1", "--model_tag=p"])
     d = checkpoint_dir("base", "p")
     marker = tmp_path / "pwned"
-    os.remove(os.path.join(d, "optim_000001_rank0.safetensors"))
-    if plant == "old .pt pickle":
-        torch.save({"optimizers": [Plant(marker)]}, os.path.join(d, "optim_000001_rank0.pt"))
-    else:
+    path = os.path.join(d, "optim_000001_rank0.pt")
+    if plant == "pickle that runs code":
+        torch.save({"optimizers": [Plant(marker)]}, path)
+    elif plant == "well-formed foreign state":
+        torch.save({"optimizers": [{"__reduce__": str(marker)}]}, path)
+    else:  # a format-2 folder: the rank state as safetensors, no .pt
+        os.remove(path)
         with open(os.path.join(d, "optim_000001_rank0.safetensors"), "wb") as f:
-            f.write(rank_state_file(json.dumps({"optimizers": [{"__reduce__": str(marker)}]})))
+            f.write(CRAFTED["format-2 safetensors named .pt"](marker))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: base_train.main([*TINY, "--num_iterations=2", "--model_tag=p", "--resume"]))
@@ -190,6 +177,8 @@ def test_resume_from_planted_optim_file_is_one_line_cli_error(base_env, tmp_path
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "optim_000001_rank0" in errors[0] and "Traceback" not in err, err
+    if plant == "format 2":
+        assert f"python -m dev.convert_rank_state {d}" in errors[0]
     assert not marker.exists()
 
 
@@ -273,8 +262,8 @@ def test_orphan_tmp_files_removed_at_save_live_writers_kept(base_env):
     d = checkpoint_dir("base", "t")
     os.makedirs(d)
     dead, live = dead_pid(), os.getppid()  # the parent (pytest's launcher or shell) is alive
-    orphans = [f"model_000010.safetensors.tmp.{dead}", f"optim_000010_rank1.safetensors.tmp.{dead}"]
-    kept = [f"optim_000010_rank1.safetensors.tmp.{live}", "notes.txt"]
+    orphans = [f"model_000010.safetensors.tmp.{dead}", f"optim_000010_rank1.pt.tmp.{dead}"]
+    kept = [f"optim_000010_rank1.pt.tmp.{live}", "notes.txt"]
     for name in orphans + kept:
         open(os.path.join(d, name), "wb").close()
     save_step(base_env, step=5)
@@ -301,7 +290,7 @@ def test_kill_mid_save_resumes_previous_step_bitwise_and_cleans_up(base_env):
     reference = load_file(os.path.join(d, "model_000004.safetensors"))
     os.remove(os.path.join(d, "meta_000004.json"))
     dead = dead_pid()
-    leftovers = [f"meta_000004.json.tmp.{dead}", f"optim_000004_rank0.safetensors.tmp.{dead}"]
+    leftovers = [f"meta_000004.json.tmp.{dead}", f"optim_000004_rank0.pt.tmp.{dead}"]
     for name in leftovers:
         with open(os.path.join(d, name), "wb") as f:
             f.write(b"half written")
