@@ -104,9 +104,12 @@ def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None
 
 
 def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_tokens=512, temperature=0.0,
-                        top_k=50, max_problems=None, batch_size=8):
+                        top_k=50, max_problems=None, batch_size=8, details=None):
     """pass@num_samples: a problem counts as solved when any of its samples is correct. Ranks take turns; prompts
-    of one length are decoded together, batch_size rows at a time."""
+    of one length are decoded together, batch_size rows at a time. With a `details` dict and a task that can
+    diagnose its answers (task.diagnose -> {name: 0 or 1}), details gets each diagnosis's mean over the samples."""
+    diagnose = getattr(task, "diagnose", None) if details is not None else None  # optional in the Task interface
+    sums, samples = {}, 0
     _, rank, _, world_size = get_dist_info()
     device = model.get_device()
     context = model.config.sequence_len
@@ -129,7 +132,15 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_t
             passed += int(any(task.evaluate(conversations[j], completion) for completion in completions))
             total += 1
             bar.set_postfix_str(f"{passed}/{total} right")
+            for completion in completions if diagnose else ():
+                for key, value in diagnose(conversations[j], completion).items():
+                    sums[key] = sums.get(key, 0) + value
+                samples += 1
     passed, total, too_long = _all_reduce_counts([passed, total, too_long], device)
+    if diagnose:
+        names = sorted(sums)
+        *counts, samples = _all_reduce_counts([sums[k] for k in names] + [samples], device)
+        details.update({k: c / samples for k, c in zip(names, counts)} if samples else {})
     if too_long:
         print0(f"{too_long} prompts did not fit the model's context ({context}) and count as failures")
     print0(f"Final: {passed}/{total} ({100 * passed / total:.2f}%)")
@@ -137,7 +148,7 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_t
 
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None):
+                  temperature=0.0, top_k=50, max_problems=None, details=None):
     if task_name not in TASKS:
         raise ValueError(f"unknown task {task_name!r}; valid: {'|'.join(TASKS)}")
     task = TASKS[task_name][0]()
@@ -145,7 +156,7 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples
         return run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
     if task.eval_type == "generative":
         return run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature,
-                                   top_k, max_problems, batch_size)
+                                   top_k, max_problems, batch_size, details)
     raise ValueError(f"{task_name}: unsupported eval_type {task.eval_type!r} (expected categorical|generative)")
 
 
@@ -174,14 +185,16 @@ def evaluate_chat(config):
     model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=config.model_tag, step=config.step,
                                         model_type=config.model_type)
     print0(f"Evaluating {meta['checkpoint_dir']} step {meta['step']} ({meta['model_type']}) on {', '.join(names)}")
-    engine, results = Engine(model, tokenizer), {}
+    engine, results, metrics = Engine(model, tokenizer), {}, {}
     for name in names:
+        details = {}
         results[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=config.batch_size,
                                       num_samples=config.num_samples, max_new_tokens=config.max_new_tokens,
                                       temperature=config.temperature, top_k=config.top_k,
-                                      max_problems=config.max_problems)
-        print0(f"{name} accuracy: {100 * results[name]:.2f}%")
-    metrics = {}
+                                      max_problems=config.max_problems, details=details)
+        print0(f"{name} accuracy: {100 * results[name]:.2f}%"
+               + "".join(f", {k} {100 * v:.1f}%" for k, v in details.items()))
+        metrics.update({f"chat_eval/{name}/{k}": v for k, v in details.items()})
     for name, acc in results.items():
         metrics[f"chat_eval/{name}"] = acc
         metrics[f"chat_eval/{name}/max_problems"] = config.max_problems  # None: the whole task

@@ -92,8 +92,10 @@ class ExecutionResult:
 def _bwrap_command(run_as_uid, seccomp_fd, info_fd, prelude_args):
     interpreter, binds, masked = visible_paths()
     as_root = os.geteuid() == 0
-    command = [BWRAP, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-               "--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv",
+    # --as-pid-1: the prelude is the namespace's init, which the kernel keeps signals from within the namespace
+    # from killing (SIGKILL included), so the program cannot silence the prelude's report of how it ended
+    command = [BWRAP, "--unshare-ipc", "--unshare-pid", "--as-pid-1", "--unshare-net", "--unshare-uts",
+               "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv",
                "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR,
                "--setenv", "LANG", "C.UTF-8", "--cap-drop", "ALL"]
     if as_root:  # bwrap runs privileged (no user namespace); the prelude needs these three to give up root
@@ -239,7 +241,7 @@ def _wait_for_namespace_end(info, deadline):
 
 
 def _cgroup_limits(maximum_memory_bytes):
-    limits = {"pids.max": MAX_PROCESSES + 5,  # + the bwrap monitor, bwrap's pid 1, the prelude and the program
+    limits = {"pids.max": MAX_PROCESSES + 5,  # + bwrap, the shell that joins the cgroups, the prelude (pid 1), slack
               "cpu.max": f"{CPU_PERIOD_US} {CPU_PERIOD_US}", "cpu.cfs_period_us": CPU_PERIOD_US,
               "cpu.cfs_quota_us": CPU_PERIOD_US}
     if maximum_memory_bytes:

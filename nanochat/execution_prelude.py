@@ -104,7 +104,10 @@ def main(argv):
         builtins.exit = builtins.quit = sys.exit  # `site` is not imported (-S), so these are not defined otherwise
         run(code)  # then a normal interpreter exit: atexit handlers run, non-daemon threads are joined
         sys.exit(0)
-    report(ready_fd, os.waitpid(pid, 0)[1])
+    while True:  # as the namespace's pid 1, also reap the program's orphans until the program itself ends
+        done, wait_status = os.waitpid(-1, 0)
+        if done == pid:
+            report(ready_fd, wait_status)
 
 
 def report(ready_fd, wait_status):

@@ -17,6 +17,7 @@ Example i of a split is always the same: its random generator is seeded by the s
 
 import hashlib
 import random
+import re
 
 from nanochat.tools import use_calculator
 from tasks.common import Task
@@ -169,3 +170,21 @@ class ArithmeticTool(Task):
 
     def evaluate(self, conversation, completion):
         return evaluate_final_number(conversation, completion)
+
+    def diagnose(self, conversation, completion):
+        """How an answer used the calculator (chat_eval averages these over the answers): whether it called it, whether
+        every number in its first call is a number of the question (copied rather than made up), and whether that
+        call computes the right answer."""
+        calls = CALL.findall(completion)
+        if not calls:
+            return {"calculator_calls": 0, "operands_from_question": 0, "right_calls": 0}
+        expected = next(p["text"] for p in conversation["messages"][-1]["content"] if p["type"] == "python")
+        numbers = set(NUMBER.findall(calls[0]))
+        copied = bool(numbers) and numbers <= set(NUMBER.findall(conversation["messages"][0]["content"]))
+        result = use_calculator(calls[0])
+        return {"calculator_calls": 1, "operands_from_question": int(copied),
+                "right_calls": int(result is not None and result == use_calculator(expected))}
+
+
+CALL = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>", re.S)  # a tool call in decoded text
+NUMBER = re.compile(r"\d+")

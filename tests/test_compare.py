@@ -30,10 +30,10 @@ def test_matching_equalises_params_or_flops_within_one_percent(match, key, depth
     args, train_args, _ = parse(["--model_types", "gpt", "alcoholic", "--depth", str(depth), match,
                                  "--max_seq_len=256"])
     runs = compare_runs.plan_runs(args, train_args, vocab_size=4096)
-    shapes = {r.model_type: describe(r.model_type, config_from_depth(r.model_type, depth, 256, 4096, **r.overrides))
-              for r in runs}
+    shapes = {r.arm.model_type: describe(r.arm.model_type, config_from_depth(r.arm.model_type, depth, 256, 4096,
+                                                                            **r.arm.overrides)) for r in runs}
     assert abs(shapes["alcoholic"][key] - shapes["gpt"][key]) <= 0.01 * shapes["gpt"][key]
-    assert runs[1].overrides["intermediate_size"] % 8 == 0
+    assert runs[1].arm.overrides["intermediate_size"] % 8 == 0
 
 
 def test_plan_tags_seeds_and_arms():
@@ -43,7 +43,7 @@ def test_plan_tags_seeds_and_arms():
     assert [r.tag for r in runs[:4]] == ["cmp_gpt_d4_s1", "cmp_alcoholic_d4_pm_s1", "cmp_gpt_d6_s1",
                                          "cmp_alcoholic_d6_pm_s1"]
     assert len(runs) == 8 and {r.seed for r in runs} == {1, 2}
-    assert len({r.label for r in runs}) == 4
+    assert len({r.arm.label for r in runs}) == 4
 
 
 def test_flags_compare_sets_itself_are_refused():

@@ -197,8 +197,8 @@ def test_compare_matches_a_third_architecture_through_its_own_width_field(llama,
     config, rest = cli.parse(CompareConfig, ["--model_types", "gpt", "llama", "--depth", "4", match,
                                              "--max_seq_len=256"], known=True)
     runs = plan_runs(config, cli.parse(BaseTrainConfig, rest), vocab_size=4096)
-    (width,) = runs[1].overrides.items()
+    (width,) = runs[1].arm.overrides.items()
     assert width[0] == "ffn_hidden" and runs[1].tag == f"cmp_llama_d4_{match[2]}m_s1"
-    shapes = {r.model_type: describe(r.model_type, config_from_depth(r.model_type, 4, 256, 4096, **r.overrides))
-              for r in runs[:2]}
+    shapes = {r.arm.model_type: describe(r.arm.model_type, config_from_depth(r.arm.model_type, 4, 256, 4096,
+                                                                            **r.arm.overrides)) for r in runs[:2]}
     assert abs(shapes["llama"][key] - shapes["gpt"][key]) <= 0.01 * shapes["gpt"][key]

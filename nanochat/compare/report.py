@@ -48,14 +48,18 @@ def collect(source, tags):
 
 
 def chat_scores(tag):
-    """chat_eval results recorded in the last checkpoint of `tag` at every stage: {"sft ARC-Easy": 0.31, ...}."""
+    """chat_eval results (and the held-out conversation loss of mid/SFT) recorded in the last checkpoint of `tag` at
+    every stage: {"sft ARC-Easy": 0.31, "sft held-out loss": 0.87, ...}."""
     scores = {}
     for stage in SOURCE_DIRS:
         d = checkpoint_dir(stage, tag)
         steps = list_steps(d)
         if not steps:
             continue
-        for key, value in read_meta(d, steps[-1]).get("metrics", {}).items():
+        metrics = read_meta(d, steps[-1]).get("metrics", {})
+        if stage != "base" and isinstance(metrics.get("val_loss"), (int, float)):
+            scores[f"{stage} held-out loss"] = metrics["val_loss"]
+        for key, value in metrics.items():
             if key.startswith("chat_eval/") and not key.endswith("/max_problems") and isinstance(value, (int, float)):
                 scores[f"{stage} {key.split('/', 1)[1]}"] = value
     return scores
@@ -288,9 +292,8 @@ def fmt_count(v):
     return f"{v:,}" if isinstance(v, int) else f"{v:.3e}"
 
 
-def markdown(arms, png_name, title="Model comparison", setup="", reference_of=None):
-    """The report: setup, the table (mean ± std over seeds), the verdicts, the runs, the figure.
-    reference_of(arm) -> the arm it is compared with (None: no verdicts for it)."""
+def summary_table(arms):
+    """Shapes, parameter counts, budget and every metric, mean ± std over seeds, an arm per column."""
     shapes = [shape(a.runs[0]) for a in arms]
     lines = ["| | " + " | ".join(a.label for a in arms) + " |", "|---" * (len(arms) + 1) + "|",
              "| runs (seeds) | " + " | ".join(str(len(a.runs)) for a in arms) + " |",
@@ -308,24 +311,28 @@ def markdown(arms, png_name, title="Model comparison", setup="", reference_of=No
             cells.append(fmt_stat(*row) if row else "-")
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    text = f"# {title}\n\n{setup}\n\n" if setup else f"# {title}\n\n"
-    text += "\n".join(lines) + ("\n\nmean ± sample std over seeds. val bpb (end of training) is the last in-training "
-                                 "evaluation (the first --eval_tokens of the validation split, the points of the "
-                                 "curves); val bpb (base_loss) is scripts.base_loss on more tokens of it.\n")
+    return "\n".join(lines) + ("\n\nmean ± sample std over seeds. val bpb (end of training) is the last in-training "
+                               "evaluation (the first --eval_tokens of the validation split, the points of the "
+                               "curves); val bpb (base_loss) is scripts.base_loss on more tokens of it.\n")
 
-    verdict_lines = []
+
+def verdict_section(arms, reference_of):
+    lines = []
     for arm in arms:
         ref = reference_of(arm) if reference_of else None
         if ref is not None:
-            verdict_lines.append(f"\n**{arm.label} vs {ref.label}** (difference = {arm.runs[0].meta['model_type']} "
-                                 f"minus {ref.runs[0].meta['model_type']}):\n")
-            verdict_lines += [f"- {v}" for v in verdicts(ref, arm)]
-    if verdict_lines:
-        text += (f"\n## Which differences exceed the seed spread\n\nCriterion: Welch's t-test (unequal variances) "
-                 f"rejects equal means at p < {SIGNIFICANCE:g}, two-sided; t = difference / sqrt(s_a²/n_a + "
-                 f"s_b²/n_b). Differences in bold pass it; the others are not distinguishable from the run-to-run "
-                 f"noise of this many seeds.\n" + "\n".join(verdict_lines) + "\n")
-    text += "\n## Runs\n\n| run | type | seed | steps | final train loss | val bpb | CORE | tokens/s | peak MiB |\n"
+            lines.append(f"\n**{arm.label} vs {ref.label}** (difference = {arm.label} minus {ref.label}):\n")
+            lines += [f"- {v}" for v in verdicts(ref, arm)]
+    if not lines:
+        return ""
+    return (f"\n## Which differences exceed the seed spread\n\nCriterion: Welch's t-test (unequal variances) rejects "
+            f"equal means at p < {SIGNIFICANCE:g}, two-sided; t = difference / sqrt(s_a²/n_a + s_b²/n_b). Differences "
+            f"in bold pass it; the others are not distinguishable from the run-to-run noise of this many seeds.\n"
+            + "\n".join(lines) + "\n")
+
+
+def runs_section(arms):
+    text = "\n## Runs\n\n| run | type | seed | steps | final train loss | val bpb | CORE | tokens/s | peak MiB |\n"
     text += "|---|---|---|---|---|---|---|---|---|\n"
     for a in arms:
         for r in a.runs:
@@ -335,7 +342,17 @@ def markdown(arms, png_name, title="Model comparison", setup="", reference_of=No
                      fmt_opt(m.get("core"), "{:.4f}"), fmt_opt(median_tok_per_sec(r), "{:,.0f}"),
                      fmt_opt(m.get("peak_memory_bytes") and m["peak_memory_bytes"] / 2**20, "{:,.0f}")]
             text += "| " + " | ".join(str(c) for c in cells) + " |\n"
-    return text + f"\n![curves]({png_name})\n"
+    return text
+
+
+def markdown(arms, png_name, title="Model comparison", setup="", reference_of=None, sections=()):
+    """The report: setup, the table (mean ± std over seeds), the verdicts, further sections (markdown, e.g. the
+    learning-rate sweep and the fit across depths), the runs, the figure. reference_of(arm) -> the arm it is compared
+    with (None: no verdicts for it)."""
+    text = f"# {title}\n\n{setup}\n\n" if setup else f"# {title}\n\n"
+    text += summary_table(arms) + verdict_section(arms, reference_of)
+    text += "".join(f"\n{section}" for section in sections)
+    return text + runs_section(arms) + f"\n![curves]({png_name})\n"
 
 
 def fmt_opt(v, f):

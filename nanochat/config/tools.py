@@ -1,5 +1,6 @@
 """Tokenizer, data download, transformers export/import, and the architecture comparison."""
 
+import math
 from dataclasses import dataclass
 
 from nanochat.config.base import (
@@ -65,25 +66,56 @@ class ImportConfig:
 NON_NEGATIVE_OR_ALL = Check(lambda v: v == -1 or v >= 0, "-1 (all), 0 (skip) or a positive integer")
 
 
+def _multipliers(text):
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise ValueError(text)
+    return tuple(sorted(set(values)))
+
+
+def _multipliers_text(text):
+    """The text, once it parses as multipliers (argparse runs the default "" through the type too)."""
+    if text.strip():
+        _multipliers(text)
+    return text
+
+
+MULTIPLIERS = Check(lambda v: v == "" or bool(_multipliers(v)), "comma-separated numbers > 0, e.g. 0.5,1,2",
+                    cast=_multipliers_text)
+CHAT_TASKS = "Arithmetic|SpellingBee|ARC-Easy"  # compare --chat's default: tool use, spelling, knowledge
+
+
 @dataclass(frozen=True)
 class CompareConfig:
     model_types: tuple[str, ...] | None = flag(None, "train and compare these architectures (the first is the "
                                                "reference of the matching)", nargs="+", choices=model_types)
-    depth: tuple[int, ...] = flag((4,), "one or more depths; an arm per type and depth", POSITIVE_INT, nargs="+")
+    depth: tuple[int, ...] = flag((4,), "one or more depths; an arm per type and depth (with 3 or more, a fit of "
+                                  "val bpb against training FLOPs per type)", POSITIVE_INT, nargs="+",
+                                  aliases=("--depths",))
     seeds: int = flag(3, "runs per arm, seeds 1..N (the seed sets the initial weights; the data order is the same "
                       "for every run)", POSITIVE_INT)
     num_iterations: int = flag(200, "optimizer steps of every run", POSITIVE_INT)
     param_match: bool = flag(False, "equal parameter counts (via each type's MLP width field)")
     flop_match: bool = flag(False, "equal FLOPs per token (via each type's MLP width field)")
+    lr_sweep: str = flag("", "learning-rate multipliers, e.g. 0.5,1,2: each arm is trained with seed 1 at each, and "
+                         "its seeds at the one with the best val bpb (empty: 1 only)", MULTIPLIERS)
+    lr_sweep_param: str = flag("all", "what --lr_sweep multiplies: every learning rate, or the matrices' (Muon) "
+                               "alone", choices=("all", "matrix"))
+    ablate: bool = flag(False, "also run each ablation of the listed types (their ModelSpec's: one choice switched "
+                        "at a time), compared with the unablated arm")
+    chat: bool = flag(False, "continue every base run through mid-training and SFT, then chat_eval --chat_tasks")
+    mid_iterations: int = flag(100, "mid-training steps of each run with --chat", POSITIVE_INT)
+    sft_iterations: int = flag(150, "SFT steps of each run with --chat", POSITIVE_INT)
+    chat_tasks: str = flag("", f"chat_eval tasks: with --chat on the SFT models (default {CHAT_TASKS}), else on "
+                           "the base models (empty = none); chat scores of sft/rl checkpoints with the same tags are "
+                           "reported whenever they exist")
+    chat_max_problems: int = flag(200, "problems per chat task", POSITIVE_INT)
     tag_prefix: str = flag("cmp", "checkpoint tags are {prefix}_{type}_d{depth}..._s{seed}")
     nproc_per_node: int = flag(1, "processes per run (torchrun when > 1)", POSITIVE_INT)
     loss_tokens: int = flag(65536, "tokens per split for scripts.base_loss after training (0 = skip)",
                             NON_NEGATIVE_INT)
     core_max_per_task: int = flag(50, "examples per CORE task for scripts.base_eval after training (-1 = all, "
                                   "0 = skip)", NON_NEGATIVE_OR_ALL)
-    chat_tasks: str = flag("", "chat_eval tasks on the base models, e.g. 'ARC-Easy' (empty = skip); chat scores of "
-                           "sft/rl checkpoints with the same tags are reported whenever they exist")
-    chat_max_problems: int = flag(200, "problems per chat task", POSITIVE_INT)
     dry_run: bool = flag(False, "print the runs and their shapes, train nothing")
     source: str = flag("base", "stage of --model_tags", short="-i", choices=STAGES)
     model_tags: tuple[str, ...] | None = flag(None, "tabulate these checkpoints instead of training; shell patterns "
@@ -95,3 +127,11 @@ class CompareConfig:
         validate(self)
         if self.param_match and self.flop_match:
             raise ConfigError("--param_match and --flop_match: give one")
+
+    @property
+    def multipliers(self):
+        return _multipliers(self.lr_sweep) if self.lr_sweep else (1.0,)
+
+    @property
+    def chat_eval_tasks(self):
+        return [t.strip() for t in (self.chat_tasks or (CHAT_TASKS if self.chat else "")).split("|") if t.strip()]

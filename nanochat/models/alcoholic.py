@@ -52,6 +52,9 @@ class AlcoholicNanoConfig:
         "help": "channels per head (default n_embd / n_head); any even value, attention width n_head * head_dim"})
     norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of every norm"})
     logit_softcap: float | None = field(default=None, metadata={"help": "squash logits into [-c, c] (default off)"})
+    qk_norm_after_rope: bool = field(default=False, metadata={
+        "help": "norm queries and keys after rotary (nanochat's GPT order) instead of before it (Qwen3's)"})
+    final_norm: bool = field(default=True, metadata={"help": "the output norm before the lm_head"})
     embed_norm: bool = field(default=True, metadata={
         "help": "norm after the token embedding; False for a plain Qwen3 (imported from transformers)"})
 
@@ -116,6 +119,10 @@ class Qwen3Mapping(HFMapping):
             reasons.append(f"mlp_type={c.mlp_type!r} (Qwen3's MLP is SwiGLU)")
         if not c.qk_norm:
             reasons.append("qk_norm=False (Qwen3 always norms queries and keys)")
+        if c.qk_norm_after_rope:
+            reasons.append("qk_norm_after_rope=True (Qwen3 norms queries and keys before rotary)")
+        if not c.final_norm:
+            reasons.append("final_norm=False (Qwen3 always norms before the lm_head)")
         if c.dropout > 0 and not ignore_dropout:
             reasons.append(f"dropout={c.dropout} (a training setting, off at inference; Qwen3 only drops attention "
                            f"probabilities, not the residual branches, so fine-tuning would differ; pass "
@@ -173,7 +180,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.head_dim or config.n_embd // config.n_head
         self.dropout = config.dropout  # on the attention probabilities
-        self.qk_norm = config.qk_norm
+        self.qk_norm, self.qk_norm_after_rope = config.qk_norm, config.qk_norm_after_rope
         self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -188,9 +195,11 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        if self.qk_norm:
+        if self.qk_norm and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)  # before rotary, as Qwen3
         q, k = apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)
+        if self.qk_norm and self.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
@@ -246,7 +255,7 @@ class Alcoholic(BaseLM):
             "embed_tokens": embedding(config.vocab_size, config.n_embd),
             **({"embed_norm": make_norm(config, config.n_embd)} if config.embed_norm else {}),  # input norm
             "layers": nn.ModuleList([DecoderLayer(config, i) for i in range(config.n_layer)]),
-            "norm": make_norm(config, config.n_embd),  # output norm
+            **({"norm": make_norm(config, config.n_embd)} if config.final_norm else {}),  # output norm
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.rotary = Rotary(self.head_dim, config.sequence_len * 10, theta=config.rope_theta)
@@ -284,7 +293,8 @@ class Alcoholic(BaseLM):
             x = self.model.embed_norm(x)
         for layer in self.model.layers:
             x = self.run_block(layer, x, cos_sin, kv_cache)
-        x = self.model.norm(x)
+        if self.config.final_norm:
+            x = self.model.norm(x)
         return self.logits_or_loss(x, targets, loss_reduction)
 
 
@@ -298,4 +308,13 @@ SPEC = ModelSpec(
     memory_advice=("Alcoholic uses more memory than GPT at the same depth: SwiGLU keeps three MLP activations per "
                    "layer for the backward pass where ReLU² keeps two."),
     hf=Qwen3Mapping(),
+    # scripts.compare --ablate: one of Alcoholic's choices switched to GPT's at a time (a value may be a function of
+    # the config at the run's depth)
+    ablations={
+        "relu2": {"mlp_type": "relu2"},  # the ReLU² MLP for SwiGLU
+        "rope10k": {"rope_theta": 10_000.0},  # GPT's RoPE base for 1,000,000
+        "qknorm_after_rope": {"qk_norm_after_rope": True},  # QK norm after RoPE, as GPT, not before
+        "no_io_norms": {"embed_norm": False, "final_norm": False},  # no input/output norms
+        "mha": {"n_kv_head": lambda config: config.n_head},  # n_kv_head = n_head: no grouped-query attention
+    },
 )

@@ -18,3 +18,5 @@ class ModelSpec:
     presets: dict = field(default_factory=dict)  # named configs, e.g. the model-selection guide's d20
     memory_advice: str = ""  # printed after an out-of-memory error: why this architecture needs the memory it does
     hf: HFMapping | None = None  # how it maps onto a transformers model type (None: no export/import)
+    # named variants for scripts.compare --ablate: {name: {config field: value, or a function of the config}}
+    ablations: dict = field(default_factory=dict)

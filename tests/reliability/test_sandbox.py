@@ -572,7 +572,7 @@ def test_run_is_confined_to_a_cgroup_with_limits_that_is_removed_afterwards():
     tmpfs = execution.WORKDIR_BYTES + execution.SHM_BYTES
     expected_memory = str(128 * 1024 ** 2 + tmpfs + execution.CGROUP_SLACK_BYTES)
     if "pids.max" in limits:
-        assert limits["pids.max"] == str(execution.MAX_PROCESSES + 5)  # + bwrap x 2, the prelude, the program
+        assert limits["pids.max"] == str(execution.MAX_PROCESSES + 5)  # + bwrap, the prelude and slack
     assert limits.get("memory.max", limits.get("memory.limit_in_bytes")) in (expected_memory, None)
     assert limits.get("cpu.max", "100000 100000") == "100000 100000"
     assert limits.get("cpu.cfs_quota_us", "100000") == "100000"
