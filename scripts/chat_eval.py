@@ -1,12 +1,7 @@
 """
-Evaluate a checkpoint on the chat tasks: ARC-Easy, ARC-Challenge, MMLU (multiple choice), GSM8K, HumanEval,
-SpellingBee, Arithmetic (generated answers; Arithmetic is generated word problems with the calculator, held out
-from the ones the offline chat data trains on).
-
-Multiple choice is scored from the logits: the prompt ends with <|assistant_start|>, and the answer is the choice
-letter with the highest logit at that position (only the letters offered count), so base models can be scored
-too. Generative tasks sample a reply with the Engine (calculator tool included) and check it.
-With more than one task, ChatCORE is the mean accuracy centered on chance: 0 = random, 1 = perfect.
+Evaluate a checkpoint on the chat tasks (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee, Arithmetic):
+multiple choice from the logits, generated answers through the Engine (calculator included); with several tasks,
+ChatCORE. See nanochat/chat_eval.py.
 
 Examples:
 python -m scripts.chat_eval -i sft -a ARC-Easy

@@ -122,12 +122,9 @@ def test_tabulating_existing_checkpoints(base_env):
 
 
 @pytest.mark.slow
-def test_compare_trains_evaluates_and_reuses(prepared_base_dir, tmp_path):
-    base = tmp_path / "base"
-    base.mkdir()
-    for name in ("embedded_data", "tokenizer"):
-        os.symlink(prepared_base_dir / name, base / name)
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
+def test_compare_trains_evaluates_and_reuses(base_env):
+    base = base_env
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # NANOCHAT_BASE_DIR: base_env's
     cmd = [sys.executable, "-m", "scripts.compare", "--model_types", "gpt", "alcoholic", "--depth", "1",
            "--seeds", "2", "--num_iterations", "4", "--param_match", "--head_dim=32", "--max_seq_len=32",
            "--device_batch_size=2", "--eval_tokens=128", "--loss_tokens=256", "--core_max_per_task=12"]

@@ -145,15 +145,12 @@ def test_crossing_inside_and_beyond_the_fitted_range():
 
 
 @pytest.mark.slow
-def test_sweep_and_chat_end_to_end_then_a_rerun_trains_nothing(prepared_base_dir, tmp_path):
+def test_sweep_and_chat_end_to_end_then_a_rerun_trains_nothing(base_env):
     import subprocess
     import sys
 
-    base = tmp_path / "base"
-    base.mkdir()
-    for name in ("embedded_data", "tokenizer"):
-        os.symlink(prepared_base_dir / name, base / name)
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
+    base = base_env
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # NANOCHAT_BASE_DIR: base_env's
     cmd = [sys.executable, "-m", "scripts.compare", "--model_types", "gpt", "alcoholic", "--depth", "1",
            "--seeds", "2", "--num_iterations", "4", "--lr_sweep=0.5,1", "--chat", "--mid_iterations=2",
            "--sft_iterations=2", "--chat_tasks=Arithmetic", "--chat_max_problems=4", "--core_max_per_task=0",
