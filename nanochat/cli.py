@@ -116,24 +116,34 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def parser_for(cls, prog=None, description=None):
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter,
-                                     allow_abbrev=False)
+def one_line_errors(parser):
+    """parser.error (and its groups') prints one line naming the program and exits with status 2."""
 
     def error(message):
         print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
         sys.exit(2)
 
     parser.error = error
+    for group in parser._action_groups:  # argument groups keep their own reference to error()
+        group.error = error
+    return parser
+
+
+def add_config_flags(parser, cls):
+    """One flag per field of the config class `cls` (the architecture fields expanded)."""
     for f in dataclasses.fields(cls):
         if f.metadata.get("architecture"):
             architecture_flags(parser)
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             _add_field(parser, f, default)
-    for group in parser._action_groups:  # argument groups keep their own reference to error()
-        group.error = error
     return parser
+
+
+def parser_for(cls, prog=None, description=None):
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter,
+                                     allow_abbrev=False)
+    return one_line_errors(add_config_flags(parser, cls))
 
 
 def config_from_namespace(cls, ns):
@@ -161,6 +171,27 @@ def parse(cls, argv=None, prog=None, description=None, known=False):
     except ConfigError as e:
         parser.error(str(e))
     return (config, rest) if known else config
+
+
+def parse_command(commands, argv=None, prog=None, description=None):
+    """(name, config) of a script with subcommands: `commands` maps each name to (config class, help), and the
+    subcommand's flags are its config's fields, checked as parse() checks them."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter,
+                                     allow_abbrev=False)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    parsers = {}
+    for name, (cls, help) in commands.items():
+        parsers[name] = sub = subparsers.add_parser(name, help=help, description=help, formatter_class=_Formatter,
+                                                    allow_abbrev=False)
+        one_line_errors(add_config_flags(sub, cls))
+    one_line_errors(parser)
+    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    name = ns.command
+    del ns.command
+    try:
+        return name, config_from_namespace(commands[name][0], ns)
+    except ConfigError as e:
+        parsers[name].error(str(e))
 
 
 def run_cli(main):
