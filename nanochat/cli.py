@@ -22,6 +22,7 @@ from nanochat.config.base import (
     PORT,
     POSITIVE,
     POSITIVE_INT,
+    Check,
     ConfigError,
     choices_of,
 )
@@ -101,13 +102,16 @@ def _add_field(parser, f, default):
 def architecture_flags(parser):
     """One flag per config field of every registered architecture (name, type and help from its dataclass), so a
     new field, or a new architecture, is a flag with no edit anywhere else. Unset flags are left out."""
+    from nanochat.limits import size_limit
     from nanochat.models import architecture_fields
 
     group = parser.add_argument_group("architecture overrides (any config field; unset = the type's default)")
     for name, (annotation, help, owners) in architecture_fields().items():
         typ = _base_type(annotation)
-        kind = dict(type=str2bool, nargs="?", const=True) if typ is bool else dict(type=value_parser(typ)) \
-            if typ in (int, float) else dict(type=typ)
+        size = Check(lambda v, n=name: 1 <= v <= size_limit(n), f"an integer in [1, {size_limit(name)}]")
+        kind = dict(type=str2bool, nargs="?", const=True) if typ is bool else \
+            dict(type=value_parser(int, size)) if typ is int else dict(type=value_parser(float)) if typ is float \
+            else dict(type=typ)
         group.add_argument(f"--{name}", dest=f"architecture.{name}", default=None, metavar=name.upper(),
                            help=f"{help} [{', '.join(owners)}]".strip(), **kind)
 

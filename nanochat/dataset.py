@@ -286,14 +286,14 @@ def shard_filename(index):
 
 def validate_parquet(path):
     """Raise if the file is not a complete parquet file (a cut download loses the footer at the end)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(4)
         f.seek(max(0, size - 4))
         tail = f.read(4)
-    if size < 12 or head != b"PAR1" or tail != b"PAR1":
-        raise ValueError(f"{os.path.basename(path)} is not a complete parquet file ({size} bytes)")
-    return pq.ParquetFile(path).metadata.num_rows  # parses the footer
+        if size < 12 or head != b"PAR1" or tail != b"PAR1":
+            raise ValueError(f"{os.path.basename(path)} is not a complete parquet file ({size} bytes)")
+        return pq.ParquetFile(f).metadata.num_rows  # parses the footer
 
 
 def download_shard(index, data_dir, base_url=BASE_URL, attempts=5, backoff=2.0, timeout=30):

@@ -35,17 +35,26 @@ class ModelTooLarge(UserError, ValueError):
     """A model whose weights would not fit in the memory available: refused before any of it is allocated."""
 
 
-def check_config(model_type, config):
-    """Raise ValueError unless every field of `config` is within nanochat's limits (nanochat/limits.py), whatever the
-    architecture: a float field holds a finite number, an int field (a size) is no larger than its limit. The registry
-    applies it to every config it builds or is given, from flags, code, a checkpoint's meta or a transformers config."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        annotation = f.type if isinstance(f.type, str) else f"{getattr(f.type, '__name__', '')} {f.type}"
+def check_values(model_type, values):
+    """Raise ValueError unless every value of a {field: value} mapping of model_type's config is within nanochat's
+    limits (nanochat/limits.py), whatever the architecture: a float field holds a finite number, an int field (a size)
+    is no larger than its limit. Checked before the config is made, so that no check of its own (nor anything built
+    from it) ever sees a value past the limits."""
+    fields = {f.name: f for f in dataclasses.fields(get_model_spec(model_type).config_cls)}
+    for name, value in values.items():
+        f = fields.get(name)
+        annotation = "" if f is None else f.type if isinstance(f.type, str) else f"{getattr(f.type, '__name__', '')} " \
+                                                                                 f"{f.type}"
         is_float = "float" in annotation or isinstance(value, float)
-        problem = float_problem(f.name, value) if is_float else size_problem(f.name, value)
+        problem = float_problem(name, value) if is_float else size_problem(name, value)
         if problem is not None:
             raise ValueError(f"{model_type} config: {problem}")
+
+
+def check_config(model_type, config):
+    """check_values of every field of `config`. The registry applies it to every config it builds or is given, from
+    flags, code, a checkpoint's meta or a transformers config."""
+    check_values(model_type, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     return config
 
 
@@ -113,6 +122,7 @@ def config_from_depth(model_type, depth, max_seq_len, vocab_size, **overrides):
                          f"{', '.join(valid)}")
     if not isinstance(depth, int) or depth <= 0:
         raise ValueError(f"depth must be a positive int, got {depth!r}")
+    check_values(model_type, {"n_layer": depth, "sequence_len": max_seq_len, "vocab_size": vocab_size, **overrides})
     return check_config(model_type, spec.config_from_depth(depth, max_seq_len, vocab_size, **overrides))
 
 
@@ -142,9 +152,10 @@ def config_from_dict(model_type, d):
     if unknown:
         raise ValueError(f"config for model_type {model_type!r} has unknown keys {unknown}; valid fields: "
                          f"{', '.join(fields)} (was it saved by a model of another type?)")
+    check_values(model_type, d)
     return check_config(model_type, get_model_spec(model_type).config_cls(**d))
 
 
 __all__ = ["MODEL_TYPES", "ModelSpec", "BaseLM", "KVCache", "get_model_spec", "config_fields", "config_from_depth",
            "build_model", "config_to_dict", "config_from_dict", "presets", "architecture_fields", "overrides_for",
-           "check_config", "check_memory", "ModelTooLarge"]
+           "check_config", "check_values", "check_memory", "ModelTooLarge"]

@@ -178,9 +178,11 @@ def attention(q, k, v, dropout_p=0.0, mask=None):
 
 def heads_for_width(n_embd, head_dim):
     """nanochat's rule: as many heads of ~head_dim as cover n_embd; the width must split evenly between them."""
+    if not (isinstance(head_dim, int) and head_dim > 0 and isinstance(n_embd, int) and n_embd > 0):
+        raise ValueError(f"head_dim={head_dim!r} and n_embd={n_embd!r} must be positive integers")
     n_head = max(1, math.ceil(n_embd / head_dim))
     if n_embd % n_head != 0 or (n_embd // n_head) % 2 != 0:
-        good = [d for d in range(2, n_embd + 1, 2) if n_embd % d == 0]
+        good = [d for d in range(2, n_embd + 1, 2) if n_embd % d == 0]  # n_embd <= MAX_WIDTH: checked before
         raise ValueError(f"n_embd={n_embd} with head_dim={head_dim} gives n_head={n_head}, which does not split "
                          f"n_embd into even-sized heads; pass a head_dim that divides n_embd, e.g. one of {good}, "
                          f"or pick another depth")
