@@ -50,8 +50,8 @@ class ChatWebConfig(CheckpointConfig):
     max_body_bytes: int = flag(MAX_BODY_BYTES, "a larger request body gets 413 before it is read", POSITIVE_INT)
     max_generation_seconds: float = flag(MAX_GENERATION_SECONDS, "a reply stops after this long (finish_reason "
                                          "'length')", POSITIVE)
-    max_connections: int = flag(-1, f"connections open at once; past it the oldest one still sending its request is "
-                                f"closed (-1: the open-file limit minus {FILES_RESERVED}, at most 1024)",
+    max_connections: int = flag(-1, "connections open at once; past it the oldest one still sending its request is "
+                                "closed (-1: from the open-file limit, 600 at `ulimit -n` 1024, at most 1024)",
                                 AUTO_OR_POSITIVE_INT)
     header_timeout: float = flag(HEADER_TIMEOUT, "seconds for a request's line and headers to arrive (408, closed)",
                                  POSITIVE)

@@ -48,9 +48,14 @@ def open_files_limit():
 
 
 def auto_max_connections():
-    """The open-file limit minus what the process keeps for itself, at most MAX_CONNECTIONS (at least 8)."""
+    """The open-file limit minus what the process keeps for itself and what accepting in batches needs (three
+    batches of an eighth of the rest: see accept_backlog), at most MAX_CONNECTIONS, at least 8. At `ulimit -n` 1024:
+    600; at 128: 40."""
     limit = open_files_limit()
-    return MAX_CONNECTIONS if limit is None else max(8, min(MAX_CONNECTIONS, limit - FILES_RESERVED))
+    if limit is None:
+        return MAX_CONNECTIONS
+    batch = max(8, min(2048, (limit - FILES_RESERVED) // 8))
+    return max(8, min(MAX_CONNECTIONS, limit - FILES_RESERVED - 3 * batch))
 
 
 class ConnectionGuard:
