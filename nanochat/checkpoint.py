@@ -29,9 +29,18 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from nanochat.cli import non_negative_int
-from nanochat.fileio import atomic_write, atomic_write_bytes, get_base_dir, remove_orphan_tmp_files
+from nanochat.fileio import (
+    atomic_write,
+    atomic_write_bytes,
+    get_base_dir,
+    open_regular,
+    read_bytes,
+    read_json,
+    remove_orphan_tmp_files,
+)
+from nanochat.limits import name_problem
 from nanochat.log import UserError, one_line, print0
-from nanochat.models import MODEL_TYPES, config_from_dict, config_to_dict
+from nanochat.models import MODEL_TYPES, check_memory, config_from_dict, config_to_dict
 
 FORMAT_VERSION = 3  # 3: rank state in optim_*_rank{r}.pt (torch.save); 2: in optim_*_rank{r}.safetensors
 CONVERT_COMMAND = "python -m dev.convert_rank_state"  # format 2 -> 3, for --resume
@@ -56,6 +65,12 @@ def source_dir(source):
 
 
 def checkpoint_dir(source, model_tag):
+    """{source}_checkpoints/{model_tag}. A tag is a folder name, never a path: one that could lead elsewhere ('/',
+    '..', control characters) is refused."""
+    problem = name_problem(model_tag)
+    if problem:
+        raise CheckpointError(f"model tag {model_tag!r} is not a name ({problem}): a tag names a folder in "
+                              f"{source_dir(source)}")
     return os.path.join(source_dir(source), model_tag)
 
 
@@ -182,6 +197,10 @@ def validate_meta(meta, meta_path):
         if not isinstance(v, (int, float, str, bool, type(None))):
             raise CheckpointError(f"{meta_path}: model_config.{k} is a {_type_name(v)}, expected a number, string, "
                                   f"boolean or null: the file is damaged")
+    m = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(meta_path))
+    if m and "step" in meta and meta["step"] != int(m.group(1)):
+        raise CheckpointError(f"{meta_path} says step {meta['step']}, its file name step {int(m.group(1))}: the file "
+                              f"is damaged or was renamed; resume or load another step")
     if meta.get("format_version", 1) > FORMAT_VERSION:
         raise CheckpointError(f"{meta_path} has format_version {meta['format_version']}, this version of nanochat "
                               f"reads up to {FORMAT_VERSION}: update nanochat to load it")
@@ -190,12 +209,7 @@ def validate_meta(meta, meta_path):
 
 def read_meta(ckpt_dir, step):
     _, meta_path, _ = _paths(ckpt_dir, step)
-    try:
-        with open(meta_path, "rb") as f:
-            meta = json.loads(f.read())
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise CheckpointError(f"cannot read {meta_path}: {one_line(e)}") from None
-    return validate_meta(meta, meta_path)
+    return validate_meta(read_json(meta_path, error=CheckpointError), meta_path)
 
 
 def load_rank_state(ckpt_dir, step, rank=0):
@@ -213,10 +227,7 @@ def load_rank_state(ckpt_dir, step, rank=0):
                                   f"the checkpoint with `{CONVERT_COMMAND} {ckpt_dir}`, then resume")
         raise CheckpointError(f"{path} is missing: this checkpoint cannot resume rank {rank} "
                               f"(was it saved with a different number of processes?)")
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
+    f = open_regular(path, error=CheckpointError)
     try:
         with f, warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected pickle protocol")  # a pickle torch.save did not write
@@ -257,19 +268,21 @@ def remove_incomplete_steps(ckpt_dir, after):
 def load_state_dict(ckpt_dir, step, meta):
     """Read and verify the weights: size/hash mismatches and truncation are reported, never loaded."""
     model_path, _, _ = _paths(ckpt_dir, step)
-    try:
-        with open(model_path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise CheckpointError(f"cannot read weights {model_path}: {e}") from e
+    blob = read_bytes(model_path, error=CheckpointError)
     expected = meta.get("model_sha256")
     if expected and _sha256(blob) != expected:
         raise CheckpointError(f"weights file {model_path} is corrupted or truncated: sha256 {_sha256(blob)[:16]}... "
                               f"does not match {expected[:16]}... recorded in its meta file")
     try:
-        return safetensors_load(blob)
+        state_dict = safetensors_load(blob)
     except (SafetensorError, ValueError) as e:
-        raise CheckpointError(f"weights file {model_path} is not a valid safetensors file: {e}") from e
+        raise CheckpointError(f"weights file {model_path} is not a valid safetensors file: {one_line(e)}") from None
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"weights file {model_path} holds NaN/inf values in {', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}: a model that cannot compute anything; load another "
+                              f"step")
+    return state_dict
 
 
 def build_model_from_meta(ckpt_dir, meta, state_dict, device):
@@ -290,6 +303,10 @@ def build_model_from_meta(ckpt_dir, meta, state_dict, device):
         if v.shape != state_dict[k].shape:
             raise CheckpointError(f"{k} in {ckpt_dir}: expected shape {tuple(v.shape)} from the config, "
                                   f"found {tuple(state_dict[k].shape)}")
+    try:
+        check_memory(model, device)
+    except UserError as e:
+        raise CheckpointError(f"cannot load {ckpt_dir}: {e}") from None
     model.to_empty(device=device)
     model.init_weights()  # also sets non-persistent buffers (rotary tables)
     model.load_state_dict(state_dict, strict=True, assign=False)

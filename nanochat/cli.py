@@ -22,6 +22,7 @@ from nanochat.config.base import (
     PORT,
     POSITIVE,
     POSITIVE_INT,
+    Check,
     ConfigError,
     choices_of,
 )
@@ -101,13 +102,16 @@ def _add_field(parser, f, default):
 def architecture_flags(parser):
     """One flag per config field of every registered architecture (name, type and help from its dataclass), so a
     new field, or a new architecture, is a flag with no edit anywhere else. Unset flags are left out."""
+    from nanochat.limits import size_limit
     from nanochat.models import architecture_fields
 
     group = parser.add_argument_group("architecture overrides (any config field; unset = the type's default)")
     for name, (annotation, help, owners) in architecture_fields().items():
         typ = _base_type(annotation)
-        kind = dict(type=str2bool, nargs="?", const=True) if typ is bool else dict(type=value_parser(typ)) \
-            if typ in (int, float) else dict(type=typ)
+        size = Check(lambda v, n=name: 1 <= v <= size_limit(n), f"an integer in [1, {size_limit(name)}]")
+        kind = dict(type=str2bool, nargs="?", const=True) if typ is bool else \
+            dict(type=value_parser(int, size)) if typ is int else dict(type=value_parser(float)) if typ is float \
+            else dict(type=typ)
         group.add_argument(f"--{name}", dest=f"architecture.{name}", default=None, metavar=name.upper(),
                            help=f"{help} [{', '.join(owners)}]".strip(), **kind)
 
@@ -116,24 +120,34 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def parser_for(cls, prog=None, description=None):
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter,
-                                     allow_abbrev=False)
+def one_line_errors(parser):
+    """parser.error (and its groups') prints one line naming the program and exits with status 2."""
 
     def error(message):
         print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
         sys.exit(2)
 
     parser.error = error
+    for group in parser._action_groups:  # argument groups keep their own reference to error()
+        group.error = error
+    return parser
+
+
+def add_config_flags(parser, cls):
+    """One flag per field of the config class `cls` (the architecture fields expanded)."""
     for f in dataclasses.fields(cls):
         if f.metadata.get("architecture"):
             architecture_flags(parser)
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             _add_field(parser, f, default)
-    for group in parser._action_groups:  # argument groups keep their own reference to error()
-        group.error = error
     return parser
+
+
+def parser_for(cls, prog=None, description=None):
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter,
+                                     allow_abbrev=False)
+    return one_line_errors(add_config_flags(parser, cls))
 
 
 def config_from_namespace(cls, ns):
@@ -161,6 +175,27 @@ def parse(cls, argv=None, prog=None, description=None, known=False):
     except ConfigError as e:
         parser.error(str(e))
     return (config, rest) if known else config
+
+
+def parse_command(commands, argv=None, prog=None, description=None):
+    """(name, config) of a script with subcommands: `commands` maps each name to (config class, help), and the
+    subcommand's flags are its config's fields, checked as parse() checks them."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter,
+                                     allow_abbrev=False)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    parsers = {}
+    for name, (cls, help) in commands.items():
+        parsers[name] = sub = subparsers.add_parser(name, help=help, description=help, formatter_class=_Formatter,
+                                                    allow_abbrev=False)
+        one_line_errors(add_config_flags(sub, cls))
+    one_line_errors(parser)
+    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    name = ns.command
+    del ns.command
+    try:
+        return name, config_from_namespace(commands[name][0], ns)
+    except ConfigError as e:
+        parsers[name].error(str(e))
 
 
 def run_cli(main):

@@ -17,6 +17,7 @@ network the small offline bundle shipped in data/eval_bundle is used (fewer task
 import contextlib
 import csv
 import gzip
+import io
 import json
 import os
 import random
@@ -29,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.fileio import download_file, get_base_dir, remove_orphan_tmp_files
+from nanochat.fileio import download_file, get_base_dir, open_regular, remove_orphan_tmp_files
 from nanochat.log import print0
 from nanochat.log import progress as progress_bar  # evaluate_core's flag is `progress`
 
@@ -206,9 +207,9 @@ def centered_accuracy(accuracy, random_baseline):
 def load_bundle(bundle_dir):
     """The tasks of a bundle as task_meta dicts: label, task_type, num_fewshot, continuation_delimiter,
     dataset_uri, random_baseline."""
-    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
+    with open_regular(os.path.join(bundle_dir, "core.yaml"), "r", encoding="utf-8") as f:
         config = yaml.safe_load(f)
-    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
+    with open_regular(os.path.join(bundle_dir, "eval_meta_data.csv"), "r", encoding="utf-8", newline="") as f:
         baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
     tasks = []
     for t in config["icl_tasks"]:
@@ -228,8 +229,8 @@ def load_bundle(bundle_dir):
 def load_task_data(bundle_dir, task):
     """The items of a task (.jsonl or .jsonl.gz), in file order."""
     path = os.path.join(bundle_dir, "eval_data", task["dataset_uri"])
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with open_regular(path) as raw, (gzip.open(raw, "rt", encoding="utf-8") if path.endswith(".gz") else
+                                     io.TextIOWrapper(raw, encoding="utf-8")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -24,7 +24,15 @@ from multiprocessing.pool import ThreadPool
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.fileio import DownloadError, atomic_write_bytes, download_file, get_base_dir
+from nanochat.fileio import (
+    DownloadError,
+    FileError,
+    atomic_write_bytes,
+    download_file,
+    get_base_dir,
+    open_regular,
+    read_json,
+)
 from nanochat.log import UserError, one_line, print0, progress
 
 SPLITS = ("train", "val")
@@ -53,7 +61,7 @@ def read_embedded_corpus(corpus_dir=CORPUS_DIR):
                                 f"(regenerate it with `python -m dev.build_corpus --src DIR`)")
     docs = []
     for path in paths:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+        with open_regular(path) as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
             docs += [d.strip("\n") for d in f.read().split(f"\n{DOC_SEPARATOR}\n")]
     return [d for d in docs if d]
 
@@ -62,19 +70,21 @@ def corpus_fingerprint(corpus_dir=CORPUS_DIR):
     """Hash of the corpus files and the shard layout: shards built from anything else are rebuilt."""
     h = hashlib.sha256(f"{SHUFFLE_SEED} {VAL_FRACTION} {NUM_TRAIN_SHARDS} {ROW_GROUPS_PER_SHARD}".encode())
     for path in sorted(glob.glob(os.path.join(corpus_dir, "*.txt.gz"))):
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             h.update(os.path.basename(path).encode() + f.read())
     return h.hexdigest()
 
 
 def embedded_shards_complete(out_dir, fingerprint):
     try:
-        with open(os.path.join(out_dir, COMPLETE_MARKER)) as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
+        marker = read_json(os.path.join(out_dir, COMPLETE_MARKER))
+    except FileError:  # missing or damaged: the shards are built again
         return False
-    files = marker.get("files", [])
-    return marker.get("fingerprint") == fingerprint and all(os.path.exists(os.path.join(out_dir, f)) for f in files)
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
+        return False
+    files = marker["files"]
+    return marker.get("fingerprint") == fingerprint and all(
+        isinstance(f, str) and os.path.isfile(os.path.join(out_dir, os.path.basename(f))) for f in files)
 
 
 def write_shard(path, docs):
@@ -169,11 +179,17 @@ def _warn_once(path, what, message):
 
 
 def open_shard(path):
-    """(ParquetFile, None) for a usable shard; (None, reason) for one to skip: unreadable (0 bytes, not parquet,
-    cut short), without a string `text` column, or without rows."""
+    """(ParquetFile, None) for a usable shard; (None, reason) for one to skip: not a regular file (a FIFO or a device
+    would hang or never end), unreadable (0 bytes, not parquet, cut short), without a string `text` column, or
+    without rows."""
     try:
-        pf = pq.ParquetFile(path)
+        f = open_regular(path)
+    except FileError as e:
+        return None, str(e).replace(f"{path} is ", "").replace(f"{path}", "the file")
+    try:
+        pf = pq.ParquetFile(f)  # reads through the file object, opened non-blocking and checked above
     except (OSError, pa.ArrowException) as e:
+        f.close()
         return None, f"not a readable parquet file ({one_line(e)})"
     schema = pf.schema_arrow
     i = schema.get_field_index("text")  # -1 when missing (or ambiguous)
@@ -270,14 +286,14 @@ def shard_filename(index):
 
 def validate_parquet(path):
     """Raise if the file is not a complete parquet file (a cut download loses the footer at the end)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(4)
         f.seek(max(0, size - 4))
         tail = f.read(4)
-    if size < 12 or head != b"PAR1" or tail != b"PAR1":
-        raise ValueError(f"{os.path.basename(path)} is not a complete parquet file ({size} bytes)")
-    return pq.ParquetFile(path).metadata.num_rows  # parses the footer
+        if size < 12 or head != b"PAR1" or tail != b"PAR1":
+            raise ValueError(f"{os.path.basename(path)} is not a complete parquet file ({size} bytes)")
+        return pq.ParquetFile(f).metadata.num_rows  # parses the footer
 
 
 def download_shard(index, data_dir, base_url=BASE_URL, attempts=5, backoff=2.0, timeout=30):
@@ -328,4 +344,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from nanochat.cli import run_cli
+
+    run_cli(main)

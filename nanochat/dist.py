@@ -9,7 +9,13 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from nanochat.log import UserError
+
 DEVICE_TYPES = ("cuda", "mps", "cpu")
+
+
+class DeviceError(UserError, RuntimeError):
+    """A device that was asked for and is not there."""
 
 
 def autodetect_device_type():
@@ -25,12 +31,48 @@ def resolve_device_type(device_type=None):
     if not device_type:
         return autodetect_device_type()
     if device_type not in DEVICE_TYPES:
-        raise ValueError(f"--device_type={device_type!r} is not one of {', '.join(DEVICE_TYPES)}")
+        raise DeviceError(f"--device_type={device_type!r} is not one of {', '.join(DEVICE_TYPES)} (or empty: "
+                          f"autodetect)")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device_type=cuda was requested but torch.cuda.is_available() is False")
+        raise DeviceError(f"--device_type=cuda was asked for but this machine has no usable CUDA device "
+                          f"(torch.cuda.is_available() is False); leave --device_type out to use "
+                          f"{autodetect_device_type()}")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device_type=mps was requested but MPS is not available")
+        raise DeviceError(f"--device_type=mps was asked for but MPS is not available; leave --device_type out to use "
+                          f"{autodetect_device_type()}")
     return device_type
+
+
+def _meminfo_available():
+    """MemAvailable of /proc/meminfo, lowered to what this process's cgroup still allows (containers), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_path) as f, open(usage_path) as g:
+                limit, usage = f.read().strip(), int(g.read().strip())
+            if limit.isdigit() and int(limit) < 1 << 60:
+                free = min(free, max(0, int(limit) - usage))
+            break
+        except (OSError, ValueError):
+            continue
+    return free
+
+
+def available_memory(device):
+    """Bytes that can still be allocated on `device` (CUDA: free device memory; CPU: the kernel's MemAvailable and
+    the cgroup's limit), or None where that cannot be known (MPS, meta, no /proc)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return _meminfo_available()
+    return None
 
 
 def autocast_dtype(device_type):

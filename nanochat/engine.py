@@ -147,14 +147,22 @@ class KVCache:
 # Sampling
 
 
+# Below this temperature sampling is greedy: the distribution is one-hot on the most likely token to within float32
+# anyway, and a temperature under ~1e-45 would round to 0 in float32 (a division by zero)
+GREEDY_BELOW = 1e-6
+
+
 def sample_next_token(logits, rng=None, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) -> next ids (B, 1). temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps
-    the smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2019)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0.0:
+    """logits (B, V) -> next ids (B, 1). temperature 0 (or below GREEDY_BELOW) is greedy; top_k keeps the k most
+    likely tokens; top_p keeps the smallest set whose probability reaches p (nucleus sampling, Holtzman et al.
+    2019). Each row's largest logit is subtracted before dividing by the temperature, so no temperature overflows
+    float32 into inf/NaN probabilities."""
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"temperature must be a number >= 0, got {temperature}")
+    if temperature < GREEDY_BELOW:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k > 0 and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

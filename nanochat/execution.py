@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from random import SystemRandom
 
+from nanochat.fileio import open_regular
 from nanochat.sandbox import (  # noqa: F401 (the limits are part of this module's interface)
     BWRAP,
     CGROUP_SLACK_BYTES,
@@ -121,7 +122,7 @@ def _bwrap_command(run_as_uid, seccomp_fd, info_fd, prelude_args):
 
 @lru_cache(maxsize=1)
 def _prelude_source():
-    with open(PRELUDE) as f:
+    with open_regular(PRELUDE, "r", encoding="utf-8") as f:
         return f.read()
 
 

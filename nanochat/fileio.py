@@ -1,13 +1,17 @@
 """
-Files: the base directory, atomic writes (temp file, fsync, rename), cleanup of what a killed writer left, and
+Files: the base directory, reading files that may be hostile (only regular files, never a FIFO or a device, and
+JSON of a bounded size), atomic writes (temp file, fsync, rename), cleanup of what a killed writer left, and
 downloads that are complete or absent.
 """
 
 import hashlib
+import json
 import os
 import re
+import stat
 import time
 
+from nanochat.limits import MAX_JSON_BYTES
 from nanochat.log import UserError, one_line, print0
 
 
@@ -16,6 +20,78 @@ def get_base_dir():
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base, exist_ok=True)
     return base
+
+
+# -----------------------------------------------------------------------------
+# Reading: every file the project reads is opened here
+
+
+class FileError(UserError, OSError):
+    """A file that cannot be read as asked: missing, unreadable, not a regular file (a FIFO, a device, a directory)
+    or larger than the limit for its kind; the message names the file."""
+
+
+_KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+
+
+def _kind(mode):
+    return next((what for test, what in _KINDS if test(mode)), "not a plain file")
+
+
+def open_regular(path, mode="rb", max_bytes=None, error=FileError, **text):
+    """Open `path` for reading, refusing anything but a regular file: a FIFO, a device, a socket or a directory in its
+    place is an `error` (a UserError, FileError by default) naming it, never a hang: the file is opened non-blocking
+    (opening a FIFO waits for a writer otherwise), checked with fstat, then set back to blocking. A file larger than
+    max_bytes is refused too. Returns the open file (binary, or text: `text` holds encoding, newline, errors)."""
+    if "r" not in mode or any(c in mode for c in "wax+"):
+        raise ValueError(f"open_regular opens files for reading only, not mode {mode!r}")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise error(f"cannot read {path}: {one_line(e.strerror or e)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path} is {_kind(st.st_mode)}, not a regular file: put the real file there")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise error(f"{path} is {st.st_size:,} bytes, more than the {max_bytes:,} nanochat reads from such a "
+                        f"file: it is not the file it should be")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, **text)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path, error=FileError):
+    """Raise `error` unless `path` is a regular file that can be opened: for libraries that open a path themselves
+    (pyarrow, safetensors, transformers)."""
+    open_regular(path, error=error).close()
+    return path
+
+
+def read_bytes(path, max_bytes=None, error=FileError):
+    with open_regular(path, max_bytes=max_bytes, error=error) as f:
+        return f.read()
+
+
+def read_json(path, max_bytes=MAX_JSON_BYTES, error=FileError):
+    """The JSON value in `path` (a regular file of at most max_bytes): invalid JSON, bytes that are not UTF-8 and
+    nesting too deep for the parser are each an `error` naming the file."""
+    data = read_bytes(path, max_bytes, error)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise error(f"cannot read {path}: its JSON is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
+        raise error(f"cannot read {path}: {one_line(e)}") from None
+
+
+# -----------------------------------------------------------------------------
+# Writing
 
 
 def atomic_write(path, write):

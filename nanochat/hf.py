@@ -4,33 +4,36 @@ Export to, and import from, Hugging Face transformers, exactly or not at all. Wh
 HFMapping, nanochat/models/hf_mapping.py): gpt <-> transformers' `nanochat`, alcoholic <-> `qwen3`. This file does
 what is common: the registry lookups, the tokenizer, the directory, the model card.
 A config with no exact equivalent on the other side is refused with the reason: never a subtly different model.
-The tokenizer goes both ways too: tiktoken ranks <-> a byte-level BPE tokenizer.json (merges rebuilt from the ranks),
-with a chat template that renders conversations as RustBPETokenizer.render_conversation does.
+The tokenizer goes both ways too (nanochat/hf_tokenizer.py). What a directory holds is checked before it is used:
+JSON files of a bounded size and nesting, only regular files, weight shards that the index names inside the directory,
+sizes within nanochat's limits, finite weights.
 """
 
-import json
 import os
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from nanochat.checkpoint import CheckpointError, build_model_from_meta, checkpoint_dir, list_steps, save_checkpoint
-from nanochat.fileio import get_base_dir
-from nanochat.log import UserError
-from nanochat.models import MODEL_TYPES, config_to_dict, get_model_spec
-from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, TokenizerNotFound, get_tokenizer
+from nanochat.fileio import check_regular, get_base_dir, read_json
+from nanochat.hf_tokenizer import (  # noqa: F401 (re-exported: the tokenizer conversion is part of this interface)
+    CHAT_TEMPLATE,
+    HFError,
+    bpe_merges,
+    hf_tokenizer,
+    hf_tokenizer_fast,
+    tokenizer_from_hf,
+    transformers,
+)
+from nanochat.log import UserError, one_line
+from nanochat.models import MODEL_TYPES, check_config, config_to_dict, get_model_spec
+from nanochat.tokenizer import TokenizerNotFound, get_tokenizer
 
-try:
-    import transformers
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-except ImportError as e:  # an optional dependency: only export/import needs it
-    raise UserError("export/import to Hugging Face needs transformers>=5: pip install -e '.[hf]'") from e
-
-
-class HFError(UserError):
-    """A model or directory with no exact equivalent on the other side; the message gives the reasons."""
+# what a transformers config parser or a mapping raises on a value of the wrong type or shape
+CONFIG_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError)
 
 
 # -----------------------------------------------------------------------------
@@ -93,142 +96,6 @@ def to_hf(model, tokenizer=None, ignore_dropout=False):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer: tiktoken ranks <-> byte-level BPE
-
-
-def bytes_to_unicode():
-    """GPT-2's table: every byte -> a printable unicode character (byte-level BPE vocabularies are written in it)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + n)
-            n += 1
-    return chars
-
-
-BYTE_TO_CHAR = bytes_to_unicode()
-CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
-
-
-def token_str(b):
-    return "".join(BYTE_TO_CHAR[x] for x in b)
-
-
-def bpe_merges(ranks):
-    """Merges that make transformers' BPE behave as tiktoken: tiktoken merges any adjacent pair whose concatenation is
-    a token, lowest rank first. So every split of a token into two tokens is a merge, ordered by the rank of the
-    result (ties between splits by the ranks of the parts, as transformers' own tiktoken converter does)."""
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        merges.extend(sorted(splits, key=lambda lr: (ranks[lr[0]], ranks[lr[1]])))
-    return merges
-
-
-def hf_tokenizer(tokenizer):
-    """Our tokenizer as a `tokenizers.Tokenizer`: the same split regex, then bytes -> GPT-2 characters, then BPE."""
-    ranks = tokenizer.mergeable_ranks
-    vocab = {token_str(b): r for b, r in ranks.items()}
-    merges = [(token_str(a), token_str(b)) for a, b in bpe_merges(ranks)]
-    # ignore_merges: a pre-token that is itself in the vocab stays whole, as in tiktoken
-    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
-    assert all(tok.token_to_id(s) == i for s, i in tokenizer.special_tokens.items()), "special token ids moved"
-    return tok
-
-
-# The conversation as render_conversation + render_for_completion render it: bos; a system message merged into the
-# first user message with "\n\n"; user/assistant turns that alternate; assistant content as a str or as parts
-# (text / python / python_output); add_generation_prompt -> <|assistant_start|>.
-CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='') -%}"
-    "{%- set msgs = messages -%}"
-    "{%- if msgs and msgs[0]['role'] == 'system' -%}"
-    "{%- set ns.system = msgs[0]['content'] + '\\n\\n' -%}{%- set msgs = msgs[1:] -%}"
-    "{%- if not msgs or msgs[0]['role'] != 'user' -%}"
-    "{{- raise_exception('a system message must be followed by a user message') -}}{%- endif -%}"
-    "{%- endif -%}"
-    "{{- bos_token -}}"
-    "{%- for m in msgs -%}"
-    "{%- if m['role'] != (loop.index0 % 2 == 0 and 'user' or 'assistant') -%}"
-    "{{- raise_exception('roles must alternate user/assistant, starting with user (after an optional system)') -}}"
-    "{%- endif -%}"
-    "{%- if m['role'] == 'user' -%}"
-    "{{- '<|user_start|>' + (ns.system if loop.first else '') + m['content'] + '<|user_end|>' -}}"
-    "{%- else -%}"
-    "{{- '<|assistant_start|>' -}}"
-    "{%- if m['content'] is string -%}{{- m['content'] -}}"
-    "{%- else -%}{%- for part in m['content'] -%}"
-    "{%- if part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
-    "{%- elif part['type'] == 'python_output' -%}{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}"
-    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|assistant_end|>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
-)
-
-
-def hf_tokenizer_fast(tokenizer, model_max_length=None):
-    """What AutoTokenizer.from_pretrained loads back: the tokenizer, its special tokens and the chat template."""
-    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=hf_tokenizer(tokenizer), bos_token="<|bos|>", eos_token="<|assistant_end|>",
-        pad_token="<|bos|>", chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False, **kwargs)
-
-
-def tokenizer_from_hf(path):
-    """tokenizer.json (byte-level BPE with our special tokens, as hf_tokenizer writes it) -> RustBPETokenizer.
-    Anything tiktoken would encode differently is refused."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    split = steps[0] if steps else {}
-    problems = []
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout") or \
-            model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        problems.append("its model is not a plain BPE")
-    elif not model.get("ignore_merges"):
-        problems.append("its BPE has ignore_merges=false (tiktoken keeps a piece that is a token whole)")
-    if data.get("normalizer") is not None:
-        problems.append("it has a normalizer (tiktoken encodes the text as is)")
-    if [s.get("type") for s in steps] != ["Split", "ByteLevel"] or steps[1].get("use_regex") or \
-            split.get("behavior") != "Isolated" or split.get("invert") or "Regex" not in split.get("pattern", {}):
-        problems.append("its pre-tokenizer is not Split(regex, isolated) + ByteLevel(use_regex=false)")
-    if problems:
-        raise HFError(f"{path} cannot be converted to a nanochat tokenizer exactly: {'; '.join(problems)}")
-    try:
-        ranks = {bytes(CHAR_TO_BYTE[ch] for ch in s): i for s, i in model["vocab"].items()}
-    except KeyError:
-        raise HFError(f"{path} is not a byte-level BPE: its vocab has tokens outside GPT-2's byte alphabet") from None
-    n = len(ranks)
-    if sorted(ranks.values()) != list(range(n)) or any(bytes([b]) not in ranks for b in range(256)):
-        raise HFError(f"{path}: the BPE vocab must hold ids 0..{n - 1} and all 256 single bytes")
-    added = [(t["content"], t["id"]) for t in data.get("added_tokens", [])]
-    if added != [(s, n + i) for i, s in enumerate(SPECIAL_TOKENS)]:
-        raise HFError(f"{path} has the added tokens {[a for a, _ in added]}, ids {[i for _, i in added]}; nanochat "
-                      f"needs exactly {SPECIAL_TOKENS} at ids {n}..{n + len(SPECIAL_TOKENS) - 1} (its chat format)")
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-    if merges != [(token_str(a), token_str(b)) for a, b in bpe_merges(ranks)]:
-        raise HFError(f"{path}: its merges are not every split of each token in id order, so tiktoken would "
-                      f"merge differently from it")
-    try:
-        return RustBPETokenizer(ranks, split["pattern"]["Regex"])
-    except ValueError as e:  # e.g. a regex that tiktoken's engine does not accept
-        raise HFError(f"{path}: {e}") from e
-
-
-# -----------------------------------------------------------------------------
 # Export: the directory
 
 
@@ -241,7 +108,16 @@ def export(model, tokenizer, out_dir, meta=None, dtype=torch.float32, ignore_dro
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise HFError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
                       f"{model.config.vocab_size}: they do not belong together")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        write_dir(model, tokenizer, out_dir, meta, dtype)
+    except OSError as e:  # not writable, not a directory, a full disk
+        raise UserError(f"cannot write --out_dir={out_dir}: {one_line(e.strerror or e)}"
+                        + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
+
+
+def write_dir(model, tokenizer, out_dir, meta, dtype):
+    """The files of export() into the existing directory out_dir."""
     config = hf_config(model.model_type, model.config, tokenizer)
     config.architectures = [mapping(model.model_type).hf_class]
     config.dtype = dtype
@@ -347,50 +223,80 @@ def import_refusals(hf_cfg):
 
 
 def config_from_hf(hf_cfg):
-    """(model_type, our config) of a transformers config of a type some architecture maps; refuses inexact ones."""
+    """(model_type, our config) of a transformers config of a type some architecture maps; refuses inexact ones,
+    values of the wrong type and sizes beyond nanochat's limits."""
     model_type, found = importer(hf_cfg.model_type)
-    reasons = found.import_refusals(hf_cfg)
-    if reasons:
-        raise HFError(f"this {hf_cfg.model_type} model has no exact nanochat equivalent: {'; '.join(reasons)}")
     try:
-        return model_type, found.config_from_hf(hf_cfg)
-    except ValueError as e:
-        raise HFError(f"this {hf_cfg.model_type} config does not fit our model: {e}") from e
+        reasons = found.import_refusals(hf_cfg)
+        if reasons:
+            raise HFError(f"this {hf_cfg.model_type} model has no exact nanochat equivalent: {'; '.join(reasons)}")
+        return model_type, check_config(model_type, found.config_from_hf(hf_cfg))
+    except CONFIG_ERRORS as e:
+        raise HFError(f"this {hf_cfg.model_type} config does not fit our model: {one_line(e)}") from None
 
 
 def state_dict_from_hf(model_type, sd, tied):
     """transformers' weights -> ours. Tied embeddings become an lm_head copy: the same logits, untied from here on."""
     found = mapping(model_type)
     if tied:
+        if found.embedding_key not in sd:
+            raise HFError(f"the weights have no {found.embedding_key}, which tied embeddings need")
         sd = {k: v for k, v in sd.items() if k != found.lm_head_key}
         sd[found.lm_head_key] = sd[found.embedding_key].clone()
     return found.state_dict_from_hf(sd)
 
 
 def read_hf_config(hf_dir):
+    """The transformers config of hf_dir/config.json, once our own reading has checked the file (a regular file of
+    bounded size and nesting, an object naming a model type that some architecture maps)."""
     path = os.path.join(hf_dir, "config.json")
+    data = read_json(path, error=HFError)
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise HFError(f"{path} is not a transformers config (an object with a model_type); --hf_dir must be a "
+                      f"transformers model directory")
+    importer(data["model_type"], hf_dir)
     try:
-        with open(path, encoding="utf-8") as f:
-            hf_type = json.load(f).get("model_type")
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}; --hf_dir must be a transformers model directory") from e
-    importer(hf_type, hf_dir)
-    return transformers.AutoConfig.from_pretrained(hf_dir)  # also reads older layouts (rope_theta at the top)
+        return transformers.AutoConfig.from_pretrained(hf_dir)  # also reads older layouts (rope_theta at the top)
+    except Exception as e:  # its validators raise errors of their own kinds; none runs code (no trust_remote_code)
+        raise HFError(f"transformers refuses {path}: {one_line(e)}") from None
+
+
+def shard_path(hf_dir, name, index):
+    """hf_dir/name for a file that the index names: a relative path that stays inside hf_dir, never an absolute one,
+    '..' or a control character. (Symbolic links in hf_dir are the directory's own, e.g. a hub cache's snapshots.)"""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name or \
+            not name.isprintable() or ".." in name.split("/"):
+        raise HFError(f"{index} names the weights file {name!r}, which is not a file inside {hf_dir}: an index may "
+                      f"only name files in its own directory")
+    return os.path.join(hf_dir, name)
+
+
+def weight_files(hf_dir):
+    """The safetensors files of hf_dir: those model.safetensors.index.json names, or model.safetensors."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.lexists(index):
+        data = read_json(index, error=HFError)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HFError(f"{index} has no weight_map object (parameter name -> file)")
+        return sorted({shard_path(hf_dir, name, index) for name in weight_map.values()})
+    if os.path.lexists(os.path.join(hf_dir, "model.safetensors")):
+        return [os.path.join(hf_dir, "model.safetensors")]
+    raise UserError(f"no model.safetensors in {hf_dir} (only safetensors weights are imported: they run no code)")
 
 
 def read_hf_weights(hf_dir):
-    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json, as fp32."""
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise UserError(f"no model.safetensors in {hf_dir} (only safetensors weights are imported: they run no code)")
+    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json, as fp32. Every
+    file must be a regular file inside hf_dir holding valid safetensors with finite values."""
     sd = {}
-    for name in files:
-        sd.update(load_file(os.path.join(hf_dir, name)))
+    for path in weight_files(hf_dir):
+        try:
+            sd.update(load_file(check_regular(path, error=HFError)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise HFError(f"{path} is not a valid safetensors file: {one_line(e)}") from None
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise HFError(f"the weights in {hf_dir} hold NaN/inf values in {', '.join(bad[:3])}: not a usable model")
     # rotary tables are computed, not loaded (some old saves hold them)
     return {k: v.float() for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
 
@@ -402,7 +308,7 @@ def import_dir(hf_dir, model_tag, source="base", overwrite_tokenizer=False):
     hf_cfg = read_hf_config(hf_dir)
     model_type, config = config_from_hf(hf_cfg)
     tok_path = os.path.join(hf_dir, "tokenizer.json")
-    if not os.path.exists(tok_path):
+    if not os.path.lexists(tok_path):
         raise UserError(f"no tokenizer.json in {hf_dir}: nanochat needs the model's tokenizer too")
     tokenizer = tokenizer_from_hf(tok_path)
     if tokenizer.get_vocab_size() > config.vocab_size:

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from nanochat.fileio import atomic_write_bytes, get_base_dir
+from nanochat.fileio import FileError, atomic_write_bytes, get_base_dir, read_json
 from nanochat.log import print0
 
 # A CPU's peak for MFU: the best of several timed fp32 matmuls of the size a small model multiplies (1024 x 1024 is
@@ -55,11 +55,10 @@ def cpu_peak_path():
 
 def read_cpu_peaks():
     try:
-        with open(cpu_peak_path()) as f:
-            peaks = json.load(f)
-        return peaks if isinstance(peaks, dict) else {}
-    except (OSError, ValueError):
+        peaks = read_json(cpu_peak_path())
+    except FileError:  # missing or damaged: measured again
         return {}
+    return peaks if isinstance(peaks, dict) else {}
 
 
 def forget_cpu_peak():

@@ -61,7 +61,7 @@ def sample(model, tokenizer):
 def make_evaluate(config, tokenizer, device, world_size, num_iterations, start_step):
     """Validation bpb (every --eval_every), CORE (every --core_metric_every) and samples (every --sample_every),
     each also at the end. Returns (evaluate, eval_due)."""
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device, vocab_size=tokenizer.get_vocab_size())
     micro_tokens = config.device_batch_size * config.max_seq_len * world_size
     eval_tokens = config.eval_tokens if config.eval_tokens > 0 else (
         20 * CUDA_TOTAL_BATCH if device.type == "cuda" else 16 * micro_tokens)

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 
+from nanochat.fileio import open_regular
 from nanochat.log import print0
 from nanochat.mfu import cpu_name
 
@@ -35,7 +36,7 @@ def truncate_metrics(path, from_step):
     if not os.path.exists(path):
         return
     kept = []
-    with open(path) as f:
+    with open_regular(path, "r") as f:
         for line in f:
             try:
                 if json.loads(line)["step"] < from_step:
@@ -51,7 +52,7 @@ def read_metrics_jsonl(ckpt_dir):
     path = os.path.join(ckpt_dir, "metrics.jsonl")
     train, val = [], []
     if os.path.exists(path):
-        with open(path) as f:
+        with open_regular(path, "r") as f:
             for line in f:
                 try:
                     r = json.loads(line)
@@ -217,7 +218,7 @@ class Report:
             os.makedirs(self.report_dir, exist_ok=True)
             with open(self.path("header.md"), "w") as f:
                 f.write(header())
-        with open(self.path("header.md")) as f:
+        with open_regular(self.path("header.md"), "r") as f:
             text = f.read()
         start = next((timestamp_of(line) for line in text.splitlines() if line.startswith("Run started:")), None)
         end, summary = None, []
@@ -225,7 +226,7 @@ class Report:
             path = self.path(f"{slugify(section)}.md")
             if not os.path.exists(path):
                 continue
-            with open(path) as f:
+            with open_regular(path, "r") as f:
                 body = f.read()
             text += "\n" + body
             tag = None

@@ -8,20 +8,22 @@ BPE tokenizer in the style of GPT-4: trained with rustbpe, encoded with tiktoken
 """
 
 import base64
+import binascii
 import copy
 import hashlib
 import io
 import json
 import os
 import time
+import warnings
 
 import rustbpe
 import tiktoken
 import torch
 
 from nanochat.dataset import parquets_iter_batched
-from nanochat.fileio import atomic_write_bytes, get_base_dir
-from nanochat.log import UserError, print0, progress
+from nanochat.fileio import atomic_write_bytes, get_base_dir, open_regular, read_json
+from nanochat.log import UserError, one_line, print0, progress
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document begins with it
@@ -55,6 +57,29 @@ def _content_hash(mergeable_ranks, special_tokens, pattern):
 
 class TokenizerNotFound(UserError, FileNotFoundError):
     """No trained tokenizer where one is expected; the message says how to train one."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file that is damaged or not what it claims; the message names it and says how to replace it."""
+
+
+RETRAIN = "retrain with `python -m scripts.tok_train`"
+
+
+def _saved_problem(data):
+    """Why the JSON of a tokenizer.json is not one that save() wrote (None when it could be)."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    if data.get("format_version") != FORMAT_VERSION:
+        return f"it has format_version={data.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+    if data.get("special_tokens") != SPECIAL_TOKENS:
+        return f"it has special tokens {str(data.get('special_tokens'))[:200]}, expected {SPECIAL_TOKENS}"
+    for key, typ in (("hash", str), ("pattern", str), ("tokens", list)):
+        if not isinstance(data.get(key), typ):
+            return f"its {key} is a {type(data.get(key)).__name__}, expected a {typ.__name__}"
+    if not all(isinstance(t, str) for t in data["tokens"]):
+        return "its tokens are not all base64 strings"
+    return None
 
 
 class RustBPETokenizer:
@@ -99,26 +124,24 @@ class RustBPETokenizer:
     @classmethod
     def from_directory(cls, tokenizer_dir):
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             raise TokenizerNotFound(
                 f"no tokenizer at {path}; train one with `python -m scripts.tok_train` "
                 f"(it saves to $NANOCHAT_BASE_DIR/tokenizer)"
             )
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has format_version={data.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
-                f"retrain with `python -m scripts.tok_train`"
-            )
-        if data["special_tokens"] != SPECIAL_TOKENS:
-            raise ValueError(f"{path} has special tokens {data['special_tokens']}, expected {SPECIAL_TOKENS}")
-        ranks = {base64.b64decode(b): rank for rank, b in enumerate(data["tokens"])}
-        tokenizer = cls(ranks, data["pattern"])
+        data = read_json(path, error=TokenizerError)
+        problem = _saved_problem(data)
+        if problem:
+            raise TokenizerError(f"{path} is not a nanochat tokenizer: {problem}; {RETRAIN}")
+        try:
+            ranks = {base64.b64decode(b, validate=True): rank for rank, b in enumerate(data["tokens"])}
+            tokenizer = cls(ranks, data["pattern"])
+        except (binascii.Error, ValueError, TypeError, OverflowError) as e:  # bad base64, duplicates, a bad regex
+            raise TokenizerError(f"{path} is corrupt ({one_line(e)}); {RETRAIN}") from None
         if tokenizer.hash != data["hash"]:
-            raise ValueError(
+            raise TokenizerError(
                 f"{path} is corrupt: stored hash {data['hash'][:12]}.. != content hash {tokenizer.hash[:12]}..; "
-                f"retrain with `python -m scripts.tok_train`"
+                f"{RETRAIN}"
             )
         return tokenizer
 
@@ -290,13 +313,29 @@ def get_tokenizer():
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
 
 
-def get_token_bytes(device="cpu"):
-    """(vocab,) int64 byte length per token id (0 for special tokens), saved beside the tokenizer."""
+def get_token_bytes(device="cpu", vocab_size=None):
+    """(vocab,) int64 byte length per token id (0 for special tokens), saved beside the tokenizer. A file that is
+    not such a tensor (of vocab_size entries, when given) is a TokenizerError."""
     path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILE)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise TokenizerNotFound(f"no {path}; train the tokenizer with `python -m scripts.tok_train`")
-    with open(path, "rb") as f:
-        return torch.load(f, map_location=device, weights_only=True)
+    try:
+        with open_regular(path, error=TokenizerError) as f, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            lengths = torch.load(f, map_location="cpu", weights_only=True)
+    except TokenizerError:
+        raise
+    except Exception as e:  # the restricted unpickler's and the zip reader's errors vary; all mean "not loadable"
+        raise TokenizerError(f"{path} is not a token_bytes file ({one_line(e)[:120]}); {RETRAIN}") from None
+    if not (isinstance(lengths, torch.Tensor) and lengths.ndim == 1 and lengths.dtype == torch.int64
+            and bool((lengths >= 0).all())):
+        what = f"a {type(lengths).__name__}" if not isinstance(lengths, torch.Tensor) else \
+            f"a {lengths.dtype} tensor of shape {tuple(lengths.shape)}"
+        raise TokenizerError(f"{path} holds {what}, not the byte lengths of the tokens (int64, 1-D, >= 0); {RETRAIN}")
+    if vocab_size is not None and lengths.numel() != vocab_size:
+        raise TokenizerError(f"{path} has {lengths.numel()} entries but the tokenizer {vocab_size} tokens: it "
+                             f"belongs to another tokenizer; {RETRAIN}")
+    return lengths.to(device)
 
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ between <|python_start|> and <|python_end|> is evaluated here, bounded in size a
 
 import ast
 import operator
+import re
 import time
 import warnings
 
@@ -16,6 +17,8 @@ _UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 MAX_EXPR_CHARS = 1000  # longer "expressions" are not arithmetic a model writes in one tool call
 MAX_EXPONENT = 1000  # bounds the cost of a single **
 MAX_INT_BITS = 4096  # ~1200 decimal digits: keeps every intermediate (and str(result)) cheap
+# a thousands separator: a comma between a digit and exactly three digits ("1,234,567"); "(1,2)" is a tuple, refused
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 class _Refused(Exception):
@@ -69,7 +72,7 @@ def use_calculator(expr, max_time=1.0):
     if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
         return None
     if "'" not in expr and '"' not in expr:
-        expr = expr.replace(",", "")  # thousands separators: "1,234 * 2"
+        expr = THOUSANDS.sub("", expr)  # thousands separators: "1,234 * 2"
     deadline = time.monotonic() + max_time
     try:
         with warnings.catch_warnings():  # e.g. "invalid decimal literal" for 3x: a refusal, not a warning to print

@@ -26,7 +26,7 @@ def main(argv=None):
     split_tokens = args.split_tokens if args.split_tokens > 0 else (
         20 * 524288 if device.type == "cuda" else 64 * tokens_per_batch)
     steps = max(1, split_tokens // tokens_per_batch)
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device, vocab_size=tokenizer.get_vocab_size())
     print0(f"{meta['model_type']} model {meta['model_tag']} step {meta['step']}: "
            f"{steps} batches of {tokens_per_batch:,} tokens per split")
     results = {}

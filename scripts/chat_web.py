@@ -7,7 +7,8 @@ Chat web server: the chat page and two APIs from one FastAPI app (nanochat/serve
     python -m scripts.chat_web --num_gpus=4                      # 4 replicas, requests spread over them
 
 Open http://127.0.0.1:8000/ for the page, /docs for the API. Limits that keep one client from taking the server
-(docs/reliability.md): --max_queue, --max_body_bytes, --max_generation_seconds.
+(docs/reliability.md): --max_queue, --max_body_bytes, --max_generation_seconds, --max_connections, --header_timeout,
+--body_timeout. Only the server's own page and Host names may use it: --cors_origins and --allowed_hosts add others.
 """
 
 from nanochat.cli import parse, run_cli
@@ -21,6 +22,7 @@ def main(argv=None):
 
     from nanochat.checkpoint import resolve_source
     from nanochat.dist import compute_init, resolve_device_type
+    from nanochat.serve.connections import server_config
 
     args = parse(ChatWebConfig, argv, prog="chat_web.py", description=__doc__)
     device_type = resolve_device_type(args.device_type)
@@ -30,10 +32,13 @@ def main(argv=None):
     workers = load_workers(source, tags, args.num_workers, device_type, args.step, args.model_type)
     app = create_app(workers, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
                      max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                     max_generation_seconds=args.max_generation_seconds)
-    print(f"Serving {', '.join(app.state.pools)} ({source}) with {len(workers)} worker(s): "
-          f"open http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                     max_generation_seconds=args.max_generation_seconds, host=args.host,
+                     allowed_hosts=args.allowed_hosts or (), cors_origins=args.cors_origins or ())
+    config, guard = server_config(app, args.host, args.port, args.max_connections, args.header_timeout,
+                                  args.body_timeout)
+    print(f"Serving {', '.join(app.state.pools)} ({source}) with {len(workers)} worker(s), at most "
+          f"{guard.max_connections} connections: open http://{args.host}:{args.port}/", flush=True)
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ baselines that need nothing: raw bytes (1.0 by definition) and characters (UTF-8
 
 import tiktoken
 
+from nanochat.cli import parse, run_cli
+from nanochat.config import TokEvalConfig
 from nanochat.dataset import parquets_iter_batched
 from nanochat.log import print0
 from nanochat.report import get_report
@@ -65,9 +67,10 @@ def load_reference_encoders():
     return encoders, missing
 
 
-def main():
+def main(argv=None):
+    args = parse(TokEvalConfig, argv, prog="tok_eval.py", description=__doc__)
     tokenizer = get_tokenizer()
-    samples = load_samples()
+    samples = load_samples(args.max_chars)
     references, missing = load_reference_encoders()
     encoders = {f"ours ({tokenizer.get_vocab_size()})": lambda s: len(tokenizer.encode(s))}
     for label, enc in references.items():
@@ -97,4 +100,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,6 +14,7 @@ When a dataset is not there, the small offline copy in data/tasks/ is used (see 
 
 import glob
 import gzip
+import io
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.fileio import get_base_dir
+from nanochat.fileio import get_base_dir, open_regular
 from nanochat.log import print0
 
 REPO_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -55,14 +56,15 @@ class Rows:
 
 
 def read_jsonl(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with open_regular(path) as raw, (gzip.open(raw, "rt", encoding="utf-8") if path.endswith(".gz") else
+                                     io.TextIOWrapper(raw, encoding="utf-8")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def read_table(path):
     if path.endswith(".parquet"):
-        return pq.read_table(path)
+        with open_regular(path) as f:
+            return pq.read_table(f)
     return pa.Table.from_pylist(read_jsonl(path))
 
 

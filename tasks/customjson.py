@@ -7,6 +7,7 @@ or an object with a "messages" list (the hub's chat layout). See data/chat/ident
 import json
 import os
 
+from nanochat.fileio import open_regular
 from tasks.common import Task
 from tasks.smoltalk import check_messages
 
@@ -20,7 +21,7 @@ class CustomJSON(Task):
                                     "conversation per line, e.g. data/chat/identity_conversations.jsonl")
         self.filepath = filepath
         self.conversations = []
-        with open(filepath, encoding="utf-8") as f:
+        with open_regular(filepath, "r", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -14,6 +14,7 @@ import os
 import random
 from functools import lru_cache
 
+from nanochat.fileio import open_regular
 from tasks.common import OFFLINE_TASKS_DIR, Task
 from tasks.gsm8k import evaluate_final_number
 
@@ -49,7 +50,7 @@ def load_words():
     if not os.path.exists(WORDS_PATH):
         raise FileNotFoundError(f"word list {WORDS_PATH} not found: it ships with the repository; rebuild it with "
                                 "`python -m dev.build_task_data --words <one-word-per-line file>`")
-    with gzip.open(WORDS_PATH, "rt", encoding="utf-8") as f:
+    with open_regular(WORDS_PATH) as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
         return [w.strip() for w in f if w.strip()]
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from nanochat.checkpoint import checkpoint_dir, list_steps, read_meta
 from nanochat.cli import normalize_argv, parse
 from nanochat.config import BaseTrainConfig
+from nanochat.fileio import open_regular
 from nanochat.log import UserError, print0, progress
 from nanochat.models import config_from_depth, get_model_spec, overrides_for
 from nanochat.plan import describe
@@ -184,7 +185,7 @@ def run_script(name, script_args, log_path, nproc):
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     if proc.returncode != 0:
-        with open(log_path) as f:
+        with open_regular(log_path, "r", errors="replace") as f:
             tail = "".join(f.readlines()[-15:])
         raise UserError(f"{' '.join(cmd)} failed (exit status {proc.returncode}). End of {log_path}:\n{tail}")
 

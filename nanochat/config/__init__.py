@@ -9,7 +9,14 @@ own values when it is built, from the command line or from code, so a bad value 
 
 from nanochat.config.base import ConfigError, flag, validate
 from nanochat.config.evaluate import BaseEvalConfig, BaseLossConfig, ChatCliConfig, ChatEvalConfig, CheckpointConfig
-from nanochat.config.tools import CompareConfig, DownloadConfig, ExportConfig, ImportConfig, TokTrainConfig
+from nanochat.config.tools import (
+    CompareConfig,
+    DownloadConfig,
+    ExportConfig,
+    ImportConfig,
+    TokEvalConfig,
+    TokTrainConfig,
+)
 from nanochat.config.train import (
     INHERITED,
     BaseTrainConfig,
@@ -22,6 +29,7 @@ from nanochat.config.train import (
 )
 
 __all__ = ["ConfigError", "flag", "validate", "BaseEvalConfig", "BaseLossConfig", "ChatCliConfig", "ChatEvalConfig",
-           "CheckpointConfig", "CompareConfig", "DownloadConfig", "ExportConfig", "ImportConfig", "TokTrainConfig",
+           "CheckpointConfig", "CompareConfig", "DownloadConfig", "ExportConfig", "ImportConfig", "TokEvalConfig",
+           "TokTrainConfig",
            "INHERITED", "BaseTrainConfig", "FinetuneConfig", "MidConfig", "RLConfig", "SFTConfig", "TrainConfig",
            "inherit"]

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from nanochat.limits import MAX_SEQUENCE_LEN, name_problem
 from nanochat.log import UserError
 
 
@@ -36,6 +37,15 @@ FINITE = Check(_finite, "a finite number")
 FRACTION = Check(lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
 COUNT = Check(lambda v: v >= 1, "a positive number (2e9 is fine)", cast=lambda s: int(float(s)))
 PORT = Check(lambda v: 0 <= v <= 65535, "a port number (0-65535)")
+SEQUENCE_LEN = Check(lambda v: 1 <= v <= MAX_SEQUENCE_LEN, f"an integer in [1, {MAX_SEQUENCE_LEN}] (the longest "
+                     f"context nanochat accepts)")
+# a checkpoint tag is a folder name under $NANOCHAT_BASE_DIR, never a path that could lead outside it
+NAME = Check(lambda v: name_problem(v) is None, "a name (no '/', '\\', '..' or control characters)")
+NAME_OR_DEFAULT = Check(lambda v: v == "" or name_problem(v) is None,
+                        "'' (the default) or a name (no '/', '\\', '..' or control characters)")
+PATH = Check(lambda v: v.strip() != "" and "\0" not in v, "a path (not empty)")
+NON_EMPTY = Check(lambda v: v.strip() != "" and v.isprintable(), "a non-empty text without control characters")
+DEVICE_TYPES = ("", "cuda", "mps", "cpu")  # "" = autodetect (cuda > mps > cpu)
 
 
 def flag(default, help, check=None, short=None, choices=None, aliases=(), nargs=None, repeat=False, required=False):

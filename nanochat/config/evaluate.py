@@ -4,8 +4,11 @@ from dataclasses import dataclass
 
 from nanochat.config.base import (
     AUTO_OR_POSITIVE_INT,
+    DEVICE_TYPES,
+    NAME,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
+    PATH,
     POSITIVE_INT,
     STAGES,
     ConfigError,
@@ -19,11 +22,11 @@ from nanochat.config.base import (
 class CheckpointConfig:
     source: str | None = flag(None, "checkpoint stage; None = the most trained (rl > sft > mid > base)", short="-i",
                               choices=STAGES)
-    model_tag: str | None = flag(None, "checkpoint folder, e.g. gpt_d4; None = the largest", short="-g")
+    model_tag: str | None = flag(None, "checkpoint folder, e.g. gpt_d4; None = the largest", NAME, short="-g")
     model_type: str | None = flag(None, "with no --model_tag, the largest checkpoint of this type; always checked "
                                   "on load", choices=model_types)
     step: int | None = flag(None, "checkpoint step; None = the last", NON_NEGATIVE_INT, short="-s")
-    device_type: str = flag("", "cuda|mps|cpu (empty = autodetect)")
+    device_type: str = flag("", "cuda|mps|cpu (empty = autodetect)", choices=DEVICE_TYPES)
 
     def __post_init__(self):
         validate(self)
@@ -41,7 +44,7 @@ class BaseLossConfig(CheckpointConfig):
 class BaseEvalConfig(CheckpointConfig):
     source: str = flag("base", "checkpoint stage", short="-i", choices=STAGES)
     max_per_task: int = flag(-1, "items per task (-1 = all); a quick-look knob", AUTO_OR_POSITIVE_INT)
-    bundle_dir: str | None = flag(None, "a local eval bundle (core.yaml, eval_meta_data.csv, eval_data/)")
+    bundle_dir: str | None = flag(None, "a local eval bundle (core.yaml, eval_meta_data.csv, eval_data/)", PATH)
 
 
 @dataclass(frozen=True)

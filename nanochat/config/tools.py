@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from nanochat.config.base import (
     AUTO_OR_POSITIVE_INT,
     COUNT,
-    NON_NEGATIVE,
+    NAME,
     NON_NEGATIVE_INT,
+    PATH,
     POSITIVE_INT,
     STAGES,
     Check,
@@ -31,13 +32,23 @@ class TokTrainConfig:
 
 
 @dataclass(frozen=True)
+class TokEvalConfig:
+    max_chars: int = flag(50_000, "characters of training and of validation documents to compress", COUNT)
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass(frozen=True)
 class DownloadConfig:
     num_files: int = flag(-1, "number of shards to download, -1 = all", AUTO_OR_POSITIVE_INT, short="-n")
-    num_workers: int = flag(4, "parallel downloads", POSITIVE_INT, short="-w")
+    num_workers: int = flag(4, "parallel downloads (at most 64)",
+                            Check(lambda v: 1 <= v <= 64, "an integer in [1, 64]"), short="-w")
     base_url: str | None = flag(None, "where shard_XXXXX.parquet files live (default: $NANOCHAT_DATA_URL or "
                                 "FineWeb-edu's on the Hugging Face hub)")
     attempts: int = flag(5, "tries per shard", POSITIVE_INT)
-    backoff: float = flag(2.0, "seconds before the first retry, doubling", NON_NEGATIVE)
+    backoff: float = flag(2.0, "seconds before the first retry, doubling",
+                          Check(lambda v: 0 <= v <= 3600, "a number of seconds in [0, 3600]"))
 
     def __post_init__(self):
         validate(self)
@@ -46,16 +57,16 @@ class DownloadConfig:
 @dataclass(frozen=True)
 class ExportConfig(CheckpointConfig):
     source: str = flag("base", "checkpoint stage", short="-i", choices=STAGES)
-    out_dir: str | None = flag(None, "new (or empty) directory to write", required=True)
+    out_dir: str | None = flag(None, "new (or empty) directory to write", PATH, required=True)
     dtype: str = flag("float32", "dtype of the saved weights", choices=("float32", "bfloat16", "float16"))
     ignore_dropout: bool = flag(False, "export a model trained with dropout > 0 as its inference model (dropout 0)")
 
 
 @dataclass(frozen=True)
 class ImportConfig:
-    hf_dir: str | None = flag(None, "local transformers directory (config.json, safetensors, tokenizer.json)",
+    hf_dir: str | None = flag(None, "local transformers directory (config.json, safetensors, tokenizer.json)", PATH,
                               required=True)
-    model_tag: str | None = flag(None, "checkpoint folder to create", short="-g", required=True)
+    model_tag: str | None = flag(None, "checkpoint folder to create", NAME, short="-g", required=True)
     source: str = flag("base", "checkpoint stage", short="-i", choices=STAGES)
     overwrite_tokenizer: bool = flag(False, "replace a different tokenizer in $NANOCHAT_BASE_DIR/tokenizer")
 
@@ -110,7 +121,7 @@ class CompareConfig:
                            "the base models (empty = none); chat scores of sft/rl checkpoints with the same tags are "
                            "reported whenever they exist")
     chat_max_problems: int = flag(200, "problems per chat task", POSITIVE_INT)
-    tag_prefix: str = flag("cmp", "checkpoint tags are {prefix}_{type}_d{depth}..._s{seed}")
+    tag_prefix: str = flag("cmp", "checkpoint tags are {prefix}_{type}_d{depth}..._s{seed}", NAME)
     nproc_per_node: int = flag(1, "processes per run (torchrun when > 1)", POSITIVE_INT)
     loss_tokens: int = flag(65536, "tokens per split for scripts.base_loss after training (0 = skip)",
                             NON_NEGATIVE_INT)
@@ -120,8 +131,8 @@ class CompareConfig:
     source: str = flag("base", "stage of --model_tags", short="-i", choices=STAGES)
     model_tags: tuple[str, ...] | None = flag(None, "tabulate these checkpoints instead of training; shell patterns "
                                               "allowed, tags differing only by _s<seed> form one arm (default: "
-                                              "every checkpoint of the source)", nargs="*")
-    out_dir: str | None = flag(None, "default: $NANOCHAT_BASE_DIR/report")
+                                              "every checkpoint of the source)", NAME, nargs="*")
+    out_dir: str | None = flag(None, "default: $NANOCHAT_BASE_DIR/report", PATH)
 
     def __post_init__(self):
         validate(self)

@@ -7,12 +7,16 @@ from nanochat.config.base import (
     AUTO_OR_NON_NEGATIVE,
     AUTO_OR_POSITIVE_INT,
     CHAT_DATA,
+    DEVICE_TYPES,
     FINITE,
     FRACTION,
+    NAME_OR_DEFAULT,
+    NON_EMPTY,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
+    SEQUENCE_LEN,
     STAGES,
     ConfigError,
     flag,
@@ -24,8 +28,8 @@ from nanochat.config.base import (
 
 @dataclass(frozen=True)
 class TrainConfig:
-    run: str = flag("dummy", "wandb run name ('dummy' = no wandb)")
-    device_type: str = flag("", "cuda|mps|cpu (empty = autodetect)")
+    run: str = flag("dummy", "wandb run name ('dummy' = no wandb)", NON_EMPTY)
+    device_type: str = flag("", "cuda|mps|cpu (empty = autodetect)", choices=DEVICE_TYPES)
     device_batch_size: int | None = flag(32, "sequences per device per micro-step", POSITIVE_INT)
     num_iterations: int = flag(-1, "optimizer steps (-1: decided by the stage's data or compute budget)",
                                AUTO_OR_POSITIVE_INT)
@@ -53,7 +57,8 @@ class TrainConfig:
                           "so the steps in between queue work without waiting (NaN/inf is still caught, at the next "
                           "log step or checkpoint, and names the step it happened at)", POSITIVE_INT)
     seed: int = flag(42, "random seed (weights at init, data order, sampling)")
-    model_tag: str = flag("", "checkpoint directory name")
+    model_tag: str = flag("", "checkpoint directory name (default {model_type}_d{depth}, or the source's)",
+                          NAME_OR_DEFAULT)
     resume: bool = flag(False, "continue from the latest complete checkpoint of this model_tag")
     compile: bool | None = flag(None, "torch.compile the model (default: on CUDA only)")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in backward: less memory, "
@@ -83,7 +88,7 @@ def inherit(config, source_config):
 class BaseTrainConfig(TrainConfig):
     model_type: str = flag("gpt", "architecture (python -m scripts.bench params lists them)")
     depth: int = flag(20, "number of layers; width = 64 * depth", POSITIVE_INT)
-    max_seq_len: int = flag(2048, "context length", POSITIVE_INT)
+    max_seq_len: int = flag(2048, "context length", SEQUENCE_LEN)
     total_batch_size: int = flag(-1, "tokens per optimizer step (-1: 524288 on CUDA, one micro-batch elsewhere)",
                                  AUTO_OR_POSITIVE_INT)
     target_flops: float = flag(-1.0, "compute budget deciding num_iterations (-1: off)", FINITE)
@@ -119,7 +124,7 @@ class FinetuneConfig(TrainConfig):
     source: str | None = flag(None, "stage of the checkpoint to start from", short="-i", choices=STAGES)
     model_step: int | None = flag(None, "step of the source checkpoint (default: the last)", NON_NEGATIVE_INT)
     model_type: str | None = flag(None, "check that the source holds this architecture", choices=model_types)
-    max_seq_len: int | None = flag(None, "tokens per row (default: the model's context)", POSITIVE_INT)
+    max_seq_len: int | None = flag(None, "tokens per row (default: the model's context)", SEQUENCE_LEN)
     num_epochs: float = flag(1.0, "passes over the training data (--num_iterations, when given, is the step budget "
                              "instead)", POSITIVE)
     eval_steps: int | None = flag(None, "held-out batches per evaluation (default: 100 on CUDA, 16 elsewhere)",

@@ -8,10 +8,14 @@ Nothing reads MODEL_TYPES at import time: flags, choices and lists are built fro
 """
 
 import dataclasses
+import itertools
 
 import torch
 
+from nanochat.dist import available_memory
 from nanochat.engine import KVCache
+from nanochat.limits import float_problem, size_problem
+from nanochat.log import UserError
 from nanochat.models import alcoholic, gpt
 from nanochat.models.base import BaseLM
 from nanochat.models.spec import ModelSpec
@@ -25,6 +29,44 @@ MODEL_TYPES = {
 DEPTH_KNOBS = ("head_dim",)
 # Config fields that come from elsewhere: --max_seq_len, the tokenizer, --depth
 DERIVED_FIELDS = ("sequence_len", "vocab_size", "n_layer")
+
+
+class ModelTooLarge(UserError, ValueError):
+    """A model whose weights would not fit in the memory available: refused before any of it is allocated."""
+
+
+def check_values(model_type, values):
+    """Raise ValueError unless every value of a {field: value} mapping of model_type's config is within nanochat's
+    limits (nanochat/limits.py), whatever the architecture: a float field holds a finite number, an int field (a size)
+    is no larger than its limit. Checked before the config is made, so that no check of its own (nor anything built
+    from it) ever sees a value past the limits."""
+    fields = {f.name: f for f in dataclasses.fields(get_model_spec(model_type).config_cls)}
+    for name, value in values.items():
+        f = fields.get(name)
+        annotation = "" if f is None else f.type if isinstance(f.type, str) else f"{getattr(f.type, '__name__', '')} " \
+                                                                                 f"{f.type}"
+        is_float = "float" in annotation or isinstance(value, float)
+        problem = float_problem(name, value) if is_float else size_problem(name, value)
+        if problem is not None:
+            raise ValueError(f"{model_type} config: {problem}")
+
+
+def check_config(model_type, config):
+    """check_values of every field of `config`. The registry applies it to every config it builds or is given, from
+    flags, code, a checkpoint's meta or a transformers config."""
+    check_values(model_type, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    return config
+
+
+def check_memory(model, device):
+    """Raise ModelTooLarge when the weights and buffers of `model` (built on the meta device) need more memory than
+    `device` has available, before they are allocated (dist.available_memory; unknown: not checked)."""
+    need = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise ModelTooLarge(f"this {model.model_type} model needs {need / 2**30:,.1f} GiB for its weights alone, "
+                            f"more than the {free / 2**30:,.1f} GiB available on {device}: pick a smaller "
+                            f"configuration")
 
 
 def get_model_spec(model_type):
@@ -80,17 +122,21 @@ def config_from_depth(model_type, depth, max_seq_len, vocab_size, **overrides):
                          f"{', '.join(valid)}")
     if not isinstance(depth, int) or depth <= 0:
         raise ValueError(f"depth must be a positive int, got {depth!r}")
-    return spec.config_from_depth(depth, max_seq_len, vocab_size, **overrides)
+    check_values(model_type, {"n_layer": depth, "sequence_len": max_seq_len, "vocab_size": vocab_size, **overrides})
+    return check_config(model_type, spec.config_from_depth(depth, max_seq_len, vocab_size, **overrides))
 
 
 def build_model(model_type, config, device="cpu"):
-    """Build on the meta device (no memory, no init cost), allocate on `device`, then init_weights()."""
+    """Build on the meta device (no memory, no init cost), check that it fits (check_memory), allocate on `device`,
+    then init_weights()."""
     spec = get_model_spec(model_type)
     if not isinstance(config, spec.config_cls):
         raise TypeError(f"model_type {model_type!r} needs a {spec.config_cls.__name__}, "
                         f"got a {type(config).__name__}")
+    check_config(model_type, config)
     with torch.device("meta"):
         model = spec.model_cls(config)
+    check_memory(model, device)
     model.to_empty(device=device)
     model.init_weights()
     return model
@@ -106,8 +152,10 @@ def config_from_dict(model_type, d):
     if unknown:
         raise ValueError(f"config for model_type {model_type!r} has unknown keys {unknown}; valid fields: "
                          f"{', '.join(fields)} (was it saved by a model of another type?)")
-    return get_model_spec(model_type).config_cls(**d)
+    check_values(model_type, d)
+    return check_config(model_type, get_model_spec(model_type).config_cls(**d))
 
 
 __all__ = ["MODEL_TYPES", "ModelSpec", "BaseLM", "KVCache", "get_model_spec", "config_fields", "config_from_depth",
-           "build_model", "config_to_dict", "config_from_dict", "presets", "architecture_fields", "overrides_for"]
+           "build_model", "config_to_dict", "config_from_dict", "presets", "architecture_fields", "overrides_for",
+           "check_config", "check_values", "check_memory", "ModelTooLarge"]

@@ -11,6 +11,7 @@ embedding table on export: a norm of a looked-up row depends on the token id onl
 transformers has no such norm: embed_norm=False leaves it out (Qwen3Mapping).
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -79,11 +80,11 @@ class AlcoholicNanoConfig:
             raise ValueError(f"AlcoholicNanoConfig: unknown mlp_type={self.mlp_type!r}; supported: {MLP_TYPES}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AlcoholicNanoConfig: dropout={self.dropout} must be in [0, 1)")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError(f"AlcoholicNanoConfig: rope_theta={self.rope_theta} and norm_eps={self.norm_eps} "
-                             f"must be positive")
-        if self.logit_softcap is not None and self.logit_softcap <= 0:
-            raise ValueError(f"AlcoholicNanoConfig: logit_softcap={self.logit_softcap} must be positive or None")
+        for name in ("rope_theta", "norm_eps", "logit_softcap"):  # dropout is checked above (nan fails the range)
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"AlcoholicNanoConfig: {name}={value!r} must be a finite number > 0"
+                                 + (" or None" if name == "logit_softcap" else ""))
 
 
 def config_from_depth(depth, max_seq_len, vocab_size, **overrides):

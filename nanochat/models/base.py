@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from nanochat.engine import KVCache, compile_decode_step, decode_step, sample_next_token
+from nanochat.limits import ROTARY_PRECOMPUTED
 from nanochat.log import print0
 from nanochat.ops import LinearCrossEntropy, at_least_fp32
 from nanochat.optim import MUON_VARIANTS, DistMuon, Muon, make_adamw
@@ -94,8 +95,10 @@ def rotary_tables(seq_len, head_dim, theta, negate_sin=False, device=None):
 
 class Rotary(nn.Module):
     """
-    Cached rotary tables. They are cheap, so seq_len (10x the training context, as nanochat) is precomputed;
-    asking for positions beyond that recomputes larger tables with a warning instead of failing.
+    Cached rotary tables for `seq_len` positions (10x the training context, as nanochat): at most ROTARY_PRECOMPUTED
+    of them are computed when the model is built (a context declared by a checkpoint or a transformers config costs
+    no more than that), the rest when first needed (a forward that reaches them, or a KV cache made for them).
+    Positions beyond seq_len are computed too, with a warning instead of a failure.
     Buffers are not persistent: they are never saved in checkpoints, and init_weights() recomputes them
     (a model built on the meta device and moved with to_empty() holds garbage until then).
     """
@@ -103,28 +106,42 @@ class Rotary(nn.Module):
     def __init__(self, head_dim, seq_len, theta, negate_sin=False):
         super().__init__()
         self.head_dim, self.theta, self.negate_sin = head_dim, theta, negate_sin
-        # computed on the CPU, then moved, even under torch.device("meta"): meta arange runs as a Python reference
-        # op, and the first of those imports torch._dynamo (~1.2 s of every process start)
-        cos, sin = rotary_tables(seq_len, head_dim, theta, negate_sin, device="cpu")
-        self.register_buffer("cos", cos.to(torch.get_default_device()), persistent=False)
-        self.register_buffer("sin", sin.to(torch.get_default_device()), persistent=False)
+        self.max_positions = seq_len  # served without a warning
+        n = min(seq_len, ROTARY_PRECOMPUTED)
+        device = torch.get_default_device()
+        if device.type == "meta":  # shapes only: init_weights() computes the tables once the model has a device
+            cos = sin = torch.empty(1, n, 1, head_dim // 2, device=device)
+        else:  # computed on the CPU, then moved: meta arange runs as a Python reference op, and the first of those
+            # imports torch._dynamo (~1.2 s of every process start)
+            cos, sin = (t.to(device) for t in rotary_tables(n, head_dim, theta, negate_sin, device="cpu"))
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def reset(self, seq_len=None):
         seq_len = seq_len or self.cos.size(1)
         self.cos, self.sin = rotary_tables(seq_len, self.head_dim, self.theta, self.negate_sin, self.cos.device)
 
+    def ensure(self, end):
+        """Make the tables cover positions 0 .. end-1 (a warning past seq_len: the model never saw such positions)."""
+        size = self.cos.size(1)
+        if end <= size:
+            return
+        # doubling (amortised), but no further than max_positions while the positions asked for are within it
+        new_len = max(end, 2 * size if end > self.max_positions else min(2 * size, self.max_positions))
+        if end > self.max_positions:
+            warnings.warn(f"position {end - 1} is beyond the {self.max_positions} precomputed rotary positions (10x "
+                          f"the context); extending the tables to {new_len} (the model was trained on much shorter "
+                          f"sequences)", stacklevel=3)
+        self.reset(new_len)
+
     def forward(self, start, length):
         """Tables for positions start .. start+length-1. start may be a (1,) tensor (a fixed-shape decode step,
-        length 1): then the tables are gathered on the device, with no Python int that would change every step."""
+        length 1): then the tables are gathered on the device, with no Python int that would change every step
+        (the KV cache made the tables long enough, BaseLM.make_kv_cache)."""
         if isinstance(start, torch.Tensor):
             return self.cos[:, start], self.sin[:, start]
         end = start + length
-        if end > self.cos.size(1):
-            new_len = max(end, 2 * self.cos.size(1))
-            warnings.warn(f"position {end - 1} is beyond the {self.cos.size(1)} precomputed rotary positions; "
-                          f"extending the tables to {new_len} (the model was trained on much shorter sequences)",
-                          stacklevel=2)
-            self.reset(new_len)
+        self.ensure(end)
         return self.cos[:, start:end], self.sin[:, start:end]
 
 
@@ -161,9 +178,11 @@ def attention(q, k, v, dropout_p=0.0, mask=None):
 
 def heads_for_width(n_embd, head_dim):
     """nanochat's rule: as many heads of ~head_dim as cover n_embd; the width must split evenly between them."""
+    if not (isinstance(head_dim, int) and head_dim > 0 and isinstance(n_embd, int) and n_embd > 0):
+        raise ValueError(f"head_dim={head_dim!r} and n_embd={n_embd!r} must be positive integers")
     n_head = max(1, math.ceil(n_embd / head_dim))
     if n_embd % n_head != 0 or (n_embd // n_head) % 2 != 0:
-        good = [d for d in range(2, n_embd + 1, 2) if n_embd % d == 0]
+        good = [d for d in range(2, n_embd + 1, 2) if n_embd % d == 0]  # n_embd <= MAX_WIDTH: checked before
         raise ValueError(f"n_embd={n_embd} with head_dim={head_dim} gives n_head={n_head}, which does not split "
                          f"n_embd into even-sized heads; pass a head_dim that divides n_embd, e.g. one of {good}, "
                          f"or pick another depth")
@@ -234,6 +253,11 @@ class BaseLM(nn.Module):
         return compile_decode_step(self, backend)
 
     def make_kv_cache(self, batch_size, seq_len, device=None, dtype=None):
+        """A KV cache for seq_len positions; the rotary tables are made to cover them now, before any (compiled)
+        decode step reads them."""
+        for m in self.modules():
+            if isinstance(m, Rotary):
+                m.ensure(seq_len)
         c = self.config
         return KVCache(batch_size, c.n_kv_head, seq_len, self.head_dim, c.n_layer, device or self.get_device(),
                        dtype)
@@ -307,7 +331,7 @@ class BaseLM(nn.Module):
         assert isinstance(tokens, list) and len(tokens) > 0, "tokens must be a non-empty list of ints"
         device = self.get_device()
         rng = None
-        if temperature > 0:
+        if temperature > 0:  # (sample_next_token decides when a temperature is greedy)
             rng = torch.Generator(device=device)
             rng.manual_seed(seed)
         kv_cache = self.make_kv_cache(1, len(tokens) + max_tokens)

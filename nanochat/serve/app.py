@@ -30,10 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat.fileio import open_regular
+from nanochat.serve.access import AccessCheck
 from nanochat.serve.generation import MAX_GENERATION_SECONDS, Generation, render_prompt, sampling_params
 from nanochat.serve.pool import MAX_QUEUE, Stats, model_pools
 from nanochat.serve.schemas import (
@@ -45,12 +47,11 @@ from nanochat.serve.schemas import (
     ChatCompletion,
     ChatRequest,
     Choice,
-    ErrorDetail,
-    ErrorResponse,
     ModelCard,
     ModelList,
     OpenAIChatRequest,
     check_lengths,
+    error_response,
 )
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a request within the 32000-character limit is < 250 KB even \u-escaped
@@ -91,12 +92,6 @@ class BodyLimit:
     def too_large(self):
         return APIError(413, f"the request body is larger than {self.max_bytes} bytes, the most this server takes "
                         f"(--max_body_bytes)", None, "body_too_large")
-
-
-def error_response(status, message, param=None, code=None, headers=None):
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def validation_error_response(errors):
@@ -186,7 +181,7 @@ def sse(data):
 def add_page(app):
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def root():
-        with open(UI_PATH, encoding="utf-8") as f:
+        with open_regular(UI_PATH, "r", encoding="utf-8") as f:
             html = f.read()
         d = app.state.defaults
         return HTMLResponse(html.replace("__TEMPERATURE__", f"{d['temperature']:g}")
@@ -304,14 +299,19 @@ def stats_report(state):
 
 
 def create_app(workers, temperature=0.8, top_k=50, max_tokens=512, max_queue=MAX_QUEUE, max_body_bytes=MAX_BODY_BYTES,
-               max_generation_seconds=MAX_GENERATION_SECONDS):
+               max_generation_seconds=MAX_GENERATION_SECONDS, host="127.0.0.1", allowed_hosts=(), cors_origins=()):
     """The FastAPI app serving `workers` (each a replica of a named model). Sampling defaults apply to requests
-    that leave a field unset; the limits are the command line's."""
+    that leave a field unset; the limits are the command line's. `host` is the bound address: with allowed_hosts
+    and cors_origins it decides which Host headers and web pages are answered (nanochat/serve/access.py)."""
     if not workers:
         raise ValueError("create_app needs at least one Worker")
     app = FastAPI(title="nanochat", description=__doc__, version="1.0")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    if cors_origins:  # none by default: only the server's own page reads its replies
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
+    app.add_middleware(AccessCheck, bound_host=host, allowed_hosts=tuple(allowed_hosts),
+                       cors_origins=tuple(cors_origins))  # added last: it runs first
     app.state.pools = model_pools(workers, max_queue)  # served order = first appearance
     app.state.workers = workers
     app.state.defaults = dict(temperature=temperature, top_k=top_k, max_tokens=max_tokens)

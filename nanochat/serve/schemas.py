@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
 
 # Abuse limits (as nanochat's server)
 MAX_MESSAGES_PER_REQUEST = 500
@@ -115,6 +116,13 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def error_response(status, message, param=None, code=None, headers=None):
+    """Every refusal in one format: {"error": {"message", "type", "param", "code"}}."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -160,7 +168,8 @@ class ModelList(BaseModel):
 
 # The responses that routes declare besides their model, for /openapi.json
 ERROR_RESPONSES = {"4XX": {"model": ErrorResponse,
-                           "description": "invalid request (400), unknown model or route (404), body too large (413)"}}
+                           "description": "invalid request or Host (400), a web page of another origin (403), unknown "
+                                          "model or route (404), body too large (413)"}}
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
 QUEUE_FULL_RESPONSE = {503: {"model": ErrorResponse, "description": "the queue is full", "headers": RETRY_AFTER}}
 SSE_RESPONSE = {200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}}

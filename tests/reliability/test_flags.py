@@ -23,7 +23,9 @@ BAD_FLAGS = [
     # (script, argv, exit status, what the one line says)
     ("base_train", ["--device_batch_size=0"], 2, "--device_batch_size: '0' is not a positive integer"),
     ("base_train", ["--depth=0"], 2, "--depth: '0' is not a positive integer"),
-    ("base_train", ["--max_seq_len=0"], 2, "--max_seq_len: '0' is not a positive integer"),
+    ("base_train", ["--max_seq_len=0"], 2, "--max_seq_len: '0' is not an integer in [1, 131072]"),
+    ("base_train", ["--max_seq_len=10000000", "--dry_run"], 2, "--max_seq_len: '10000000' is not an integer in "
+     "[1, 131072] (the longest context nanochat accepts)"),
     ("base_train", ["--matrix_lr=nan"], 2, "--matrix_lr: 'nan' is not a finite number >= 0"),
     ("base_train", ["--embedding_lr=-0.1"], 2, "--embedding_lr: '-0.1' is not a finite number >= 0"),
     ("base_train", ["--unembedding_lr=inf"], 2, "--unembedding_lr: 'inf' is not a finite number >= 0"),
