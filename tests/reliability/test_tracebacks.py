@@ -196,7 +196,7 @@ def test_a_damaged_hf_directory_is_one_line(base_env, tmp_path, capsys, damage):
     assert message in line, line
 
 
-@pytest.mark.parametrize("argv, message", [(["--depth", "-2"], "--depth: '-2' is not a positive integer"),
+@pytest.mark.parametrize("argv, message", [(["--depth", "-2"], "--depth/--depths: '-2' is not a positive integer"),
                                            (["--seeds", "0"], "--seeds: '0' is not a positive integer")])
 def test_compare_refuses_sizes_that_would_do_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
