@@ -49,6 +49,18 @@ def refuse_own_flags(rest):
                         f"--seeds, --num_iterations or --tag_prefix instead")
 
 
+def absolute_data_paths(rest):
+    """The base_train flags with --data made absolute: each run is a subprocess started in the repository."""
+    rest, out = normalize_argv(rest), []
+    for i, arg in enumerate(rest):
+        if arg.startswith("--data="):
+            arg = "--data=" + os.path.abspath(arg[len("--data="):])
+        elif i > 0 and rest[i - 1] == "--data":
+            arg = os.path.abspath(arg)
+        out.append(arg)
+    return out
+
+
 def matched_width(ref_type, model_type, depth, train, vocab_size, key):
     """The MLP width that brings model_type's `key` ("total" params or "flops" per token) to the reference type's
     at this depth. Both are linear in the width, so two meta-device models give the exact value; it is rounded to a

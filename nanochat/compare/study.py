@@ -84,7 +84,7 @@ def study(config, train, rest):
     """Train and evaluate what is missing, then write the report; with --dry_run only print the plan."""
     from nanochat.pretrain import ensure_data_and_tokenizer
 
-    vocab_size = ensure_data_and_tokenizer(0).get_vocab_size()
+    vocab_size = ensure_data_and_tokenizer(train, 0)[0].get_vocab_size()
     runs = plan_runs(config, train, vocab_size)
     print_plan(runs, train, vocab_size)
     if config.dry_run:

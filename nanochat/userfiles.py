@@ -1,0 +1,377 @@
+"""
+The files a user brings with --data: finding them, reading them as lines of UTF-8 text whatever their compression,
+the content hash that keys their preparation, the held-out split, and one-line errors for bad input.
+
+- Found: PATH is a file, or a directory searched recursively; files whose names end with a known suffix, optionally
+  followed by .gz or .zst, are read in sorted order (other files in a directory are listed once and left alone).
+- Read as a stream: lines of at most MAX_LINE_BYTES at a time, never a whole file in memory; a byte that is not
+  UTF-8 is an error naming the file, the line and the column.
+- Bad input: "FILE:LINE: what is wrong", raised as a DataError (one line, exit status 1), or with --skip_bad_lines
+  skipped and counted.
+- Prepared once: the key is sha256 over the preparation settings and every file's name and bytes (hashed as a
+  stream). The result lives in $NANOCHAT_BASE_DIR/<kind>/<key>/ with its manifest, COMPLETE.json, written last, and
+  is renamed into place from a staging directory: an unchanged file is reused, one changed byte gives a new key and
+  a new preparation, and a killed preparation leaves nothing that looks complete.
+- Held out: a document (or conversation) is in the validation split when the sha256 of its text, read as a number in
+  [0, 1), is below --val_fraction. The split does not depend on the order of the files or on any seed, and copies of
+  one document always land in the same split. Neither split is ever empty: when no document falls under the
+  fraction, the one with the lowest score is held out; when all do, the one with the highest score is kept for
+  training.
+"""
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+import zlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from nanochat.dataset import DataError
+from nanochat.fileio import atomic_write_bytes, get_base_dir, pid_alive
+from nanochat.log import one_line, print0, progress
+
+COMPRESSIONS = (".gz", ".zst")
+MANIFEST = "COMPLETE.json"
+CHUNK_BYTES = 1 << 20
+MAX_LINE_BYTES = 1 << 24  # 16 MiB: a longer line comes in pieces (text) or is a bad line (JSON)
+ROW_GROUPS_PER_SHARD = 16  # as the embedded shards: up to 16 ranks all read from every shard
+PROGRESS_BYTES = 8 << 20  # a bar (with its ETA) for inputs of at least 8 MiB; smaller ones take well under a second
+SKIP_HINT = "fix it, or pass --skip_bad_lines to skip bad lines"
+
+
+class BadInput(DataError):
+    """Input the user must fix; the message is "FILE:LINE: what is wrong" (or "FILE: what is wrong")."""
+
+
+def split_name(name):
+    """'a/b.jsonl.gz' -> ('.jsonl', '.gz'); ('.txt', '') for 'x.txt'."""
+    lower = name.lower()
+    compression = next((c for c in COMPRESSIONS if lower.endswith(c)), "")
+    stem = lower[:len(lower) - len(compression)]
+    return os.path.splitext(stem)[1], compression
+
+
+def find_files(path, suffixes):
+    """[(name, full path)] of the data under PATH, sorted by name (relative to PATH; the file name for a file)."""
+    if not os.path.exists(path):
+        raise BadInput(f"{path}: no such file or directory (--data takes a file or a directory)")
+    accepted = ", ".join(f"{s}[.gz|.zst]" for s in suffixes)
+    if os.path.isfile(path):
+        if split_name(path)[0] not in suffixes:
+            raise BadInput(f"{path}: not a data file this command reads (accepted: {accepted})")
+        return [(os.path.basename(path), path)]
+    found, ignored = [], []
+    for root, dirs, names in os.walk(path):  # hidden files and directories (.git, .DS_Store) are not data
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in (n for n in names if not n.startswith(".")):
+            full = os.path.join(root, name)
+            (found if split_name(name)[0] in suffixes else ignored).append((os.path.relpath(full, path), full))
+    if not found:
+        raise BadInput(f"{path}: no data files in this directory (accepted: {accepted}; found {len(ignored)} others)")
+    if ignored:
+        shown = ", ".join(sorted(name for name, _ in ignored)[:3])
+        print0(f"{path}: ignoring {len(ignored)} file(s) of other types ({shown}{' ...' if len(ignored) > 3 else ''})")
+    return sorted(found)
+
+
+# -----------------------------------------------------------------------------
+# Reading
+
+
+def open_raw(path):
+    """(the decompressed byte stream, the file underneath: its position is the progress)."""
+    raw = open(path, "rb")
+    compression = split_name(path)[1]
+    if compression == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    if compression == ".zst":  # pyarrow's zstd stream: truncated or corrupt input is an error, not a short read
+        return pa.CompressedInputStream(raw, "zstd"), raw
+    return raw, raw
+
+
+def byte_chunks(path, name, on_progress=None):
+    """The decompressed bytes of a file, CHUNK_BYTES at a time; a file that cannot be read is one BadInput."""
+    stream, raw = open_raw(path)
+    seen = 0
+    try:
+        while True:
+            try:
+                chunk = stream.read(CHUNK_BYTES)
+            except (OSError, EOFError, zlib.error, pa.ArrowException) as e:
+                raise BadInput(f"{name}: cannot be read ({one_line(e)}): a cut or damaged "
+                               f"{split_name(path)[1] or 'file'}?") from None
+            if on_progress is not None:
+                now = raw.tell()
+                on_progress(now - seen)
+                seen = now
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        stream.close()
+        raw.close()
+
+
+def byte_lines(path, name, on_progress=None):
+    """(line number, bytes without the line end, complete) for each line; a line longer than MAX_LINE_BYTES comes in
+    pieces (complete=False for all but its last piece)."""
+    lineno, rest = 1, b""
+    for chunk in byte_chunks(path, name, on_progress):
+        rest += chunk
+        start = 0
+        while True:
+            end = rest.find(b"\n", start)
+            if end < 0:
+                break
+            yield lineno, rest[start:end], True
+            lineno, start = lineno + 1, end + 1
+        rest = rest[start:]
+        while len(rest) > MAX_LINE_BYTES:
+            cut = MAX_LINE_BYTES
+            while cut > 0 and rest[cut] & 0xC0 == 0x80:  # never inside a UTF-8 character
+                cut -= 1
+            yield lineno, rest[:cut], False
+            rest = rest[cut:]
+    if rest:
+        yield lineno, rest, True
+
+
+def text_lines(path, name, bad, whole=False, on_progress=None):
+    """(line number, str) for each line of a file (line ends and a trailing \\r removed). A line that is not UTF-8 is
+    a bad line; with whole=True (JSON lines) so is a line longer than MAX_LINE_BYTES, otherwise it comes in pieces."""
+    long_line = None
+    for lineno, data, complete in byte_lines(path, name, on_progress):
+        if long_line == lineno:
+            continue  # the rest of a line already reported
+        if whole and not complete:
+            long_line = lineno
+            bad(lineno, f"longer than {MAX_LINE_BYTES >> 20} MiB")
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad(lineno, f"not UTF-8 (byte 0x{data[e.start]:02x} at column {e.start + 1}); save the file as UTF-8")
+            continue
+        if lineno == 1 and text.startswith("\ufeff"):  # the byte order mark some editors put first
+            text = text[1:]
+        yield lineno, text[:-1] if text.endswith("\r") else text
+
+
+class BadLines:
+    """What happens to a bad line: a BadInput (the default), or, with skip=True, it is skipped and counted."""
+
+    def __init__(self, name, skip):
+        self.name, self.skip, self.count, self.first = name, skip, 0, None
+
+    def __call__(self, where, what):
+        message = f"{self.name}:{where}: {what}"
+        if not self.skip:
+            raise BadInput(f"{message} ({SKIP_HINT})")
+        self.count += 1
+        self.first = self.first or message
+
+
+# -----------------------------------------------------------------------------
+# Content hash, held-out split
+
+
+def byte_progress(desc, total):
+    """A progress bar over `total` bytes, silent below PROGRESS_BYTES."""
+    return progress(desc=desc, total=total, unit="B", unit_scale=True) if total >= PROGRESS_BYTES else tqdm(
+        disable=True)
+
+
+def content_key(files, settings):
+    """(key, {name: sha256 of its bytes}): the key covers the settings and every file's name and bytes."""
+    total = sum(os.path.getsize(full) for _, full in files)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    hashes = {}
+    with byte_progress("hashing", total) as bar:
+        for name, full in files:
+            h = hashlib.sha256()
+            with open(full, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    h.update(chunk)
+                    bar.update(len(chunk))
+            hashes[name] = h.hexdigest()
+            key.update(f"{name}\0{hashes[name]}\0".encode())
+    return key.hexdigest(), hashes
+
+
+def held_out_score(text):
+    """A number in [0, 1) fixed by the text alone: the first 8 bytes of its sha256."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2 ** 64
+
+
+class ParquetRows:
+    """Rows of one string column written to one parquet file, each flush as ROW_GROUPS_PER_SHARD row groups."""
+
+    def __init__(self, path, column):
+        self.path, self.column, self.rows, self.chars, self.written, self.writer = path, column, [], 0, 0, None
+
+    def add(self, text):
+        self.rows.append(text)
+        self.chars += len(text)
+
+    def flush(self):
+        if not self.rows:
+            return
+        table = pa.table({self.column: pa.array(self.rows, type=pa.string())})
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self.writer.write_table(table, row_group_size=math.ceil(len(self.rows) / ROW_GROUPS_PER_SHARD))
+        self.written += len(self.rows)
+        self.rows, self.chars = [], 0
+
+    def close(self):
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+    def __len__(self):
+        return self.written + len(self.rows)
+
+
+class SplitWriter:
+    """Training rows in shards of about shard_chars characters (shard_00000.parquet, ...), held-out rows in one file
+    after them (the loader's layout: the last shard by name is the validation split), split by held_out_score.
+    Memory holds at most one shard of each split."""
+
+    def __init__(self, out_dir, val_fraction, column="text", shard_chars=32_000_000):
+        self.out_dir, self.val_fraction, self.column, self.shard_chars = out_dir, val_fraction, column, shard_chars
+        self.train_files, self.train = [], None
+        self.val = ParquetRows(os.path.join(out_dir, "val.parquet.part"), column)
+        self.lowest = None  # (score, train shard, row, source): the training row held out if no row falls under
+        self.highest = None  # (score, row, source): the held-out row kept for training if every row falls under
+        self._new_train_shard()
+
+    def _new_train_shard(self):
+        self.train = ParquetRows(os.path.join(self.out_dir, f"shard_{len(self.train_files):05d}.parquet"),
+                                 self.column)
+
+    def add(self, text, source):
+        """Place one row; returns True when it is held out. `source` (e.g. a file index) comes back from close()."""
+        score = held_out_score(text)
+        if score < self.val_fraction:
+            if self.highest is None or score > self.highest[0]:
+                self.highest = (score, len(self.val), source)
+            self.val.add(text)
+            if self.val.chars >= self.shard_chars:
+                self.val.flush()
+            return True
+        if self.lowest is None or score < self.lowest[0]:
+            self.lowest = (score, len(self.train_files), len(self.train), source)
+        self.train.add(text)
+        if self.train.chars >= self.shard_chars:
+            self.train.close()
+            self.train_files.append(self.train.path)
+            self._new_train_shard()
+        return False
+
+    def close(self):
+        """Write what is left. Returns (train shard names, val shard name, moved): moved is (source, "val"|"train")
+        when a row changed split so that neither is empty, else None. Fewer than 2 rows in all is a BadInput."""
+        moved = None
+        if len(self.val) == 0 and self.lowest is not None:
+            _, shard, row, source = self.lowest
+            self.val.add(self._take_train_row(shard, row))
+            moved = (source, "val")
+        elif self.train_files == [] and len(self.train) == 0 and len(self.val) >= 2 and not self.val.written:
+            _, row, source = self.highest
+            self.train.add(self.val.rows.pop(row))
+            moved = (source, "train")
+        if len(self.train) == 0 and not self.train_files or len(self.val) == 0:
+            raise BadInput(f"{len(self.train) + len(self.val)} usable row(s) in all: need at least 2, one for training "
+                           f"and one held out for validation")
+        if len(self.train):
+            self.train.close()
+            self.train_files.append(self.train.path)
+        for i, path in enumerate(self.train_files):  # consecutive names, should a moved row have emptied a shard
+            os.replace(path, os.path.join(self.out_dir, f"shard_{i:05d}.parquet"))
+        self.val.close()
+        val_name = f"shard_{len(self.train_files):05d}.parquet"  # after every training shard
+        os.replace(self.val.path, os.path.join(self.out_dir, val_name))
+        return [f"shard_{i:05d}.parquet" for i in range(len(self.train_files))], val_name, moved
+
+    def _take_train_row(self, shard, row):
+        if shard == len(self.train_files):  # still in memory
+            return self.train.rows.pop(row)
+        path = self.train_files[shard]
+        rows = pq.read_table(path).column(self.column).to_pylist()
+        text = rows.pop(row)
+        os.remove(path)
+        if rows:
+            rewritten = ParquetRows(path, self.column)
+            rewritten.rows = rows
+            rewritten.close()
+        else:
+            self.train_files.pop(shard)
+        return text
+
+
+# -----------------------------------------------------------------------------
+# Prepared once
+
+
+def read_manifest(directory):
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def remove_dead_staging(parent):
+    """Staging directories (<key>.tmp.<pid>) left by a preparation that was killed."""
+    for name in os.listdir(parent):
+        m = re.search(r"\.tmp\.(\d+)$", name)
+        if m and not pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def prepare_once(kind, key, build, what):
+    """(directory, manifest) of $BASE/<kind>/<key>: reused when complete, else build(staging dir) -> manifest, then
+    the manifest is written and the directory renamed into place."""
+    parent = os.path.join(get_base_dir(), kind)
+    final = os.path.join(parent, key[:16])
+    manifest = read_manifest(final)
+    if manifest is not None and manifest.get("key") == key:
+        print0(f"{what}: prepared earlier from the same bytes, reusing {final}")
+        return final, manifest
+    os.makedirs(parent, exist_ok=True)
+    remove_dead_staging(parent)
+    staging = f"{final}.tmp.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    t0 = time.time()
+    try:
+        manifest = dict(build(staging), key=key, seconds=round(time.time() - t0, 2))
+        atomic_write_bytes(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1).encode())
+        if os.path.exists(final):  # incomplete, or another key's (a 16-hex-digit prefix collision)
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(staging, final)
+        except OSError:  # another process renamed the same preparation into place first
+            if read_manifest(final) is None:
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print0(f"{what}: prepared in {manifest['seconds']:.1f}s into {final}")
+    return final, read_manifest(final)
+
+
+def check_bad_lines(manifest, skip):
+    """A preparation that skipped bad lines is used again only with --skip_bad_lines; otherwise its first bad line
+    is the error, as it was the first time."""
+    if manifest.get("bad_lines") and not skip:
+        raise BadInput(f"{manifest['first_bad_line']} ({SKIP_HINT}; {manifest['bad_lines']} bad line(s) in all)")
+    if manifest.get("bad_lines"):
+        print0(f"skipped {manifest['bad_lines']:,} bad line(s) (--skip_bad_lines), the first: "
+               f"{manifest['first_bad_line']}")
