@@ -124,9 +124,9 @@ READERS = {".txt": txt_documents, ".md": txt_documents, ".jsonl": jsonl_document
 
 def build(files, hashes, root, text_field, val_fraction, skip_bad_lines, staging):
     """Every file's documents into SplitWriter's shards; returns the manifest."""
-    writer = SplitWriter(staging, val_fraction)
-    records, bad_total, first_bad = [], 0, None
     total = sum(os.path.getsize(full) for _, full in files)
+    writer = SplitWriter(staging, val_fraction, input_bytes=total)
+    records, bad_total, first_bad = [], 0, None
     with byte_progress("preparing", total) as bar:
         for index, (name, full) in enumerate(files):
             shown = os.path.join(root, name) if os.path.isdir(root) else root

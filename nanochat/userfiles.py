@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 import zlib
 
@@ -205,115 +206,118 @@ def content_key(files, settings):
     return key.hexdigest(), hashes
 
 
+def row_digest(text):
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
 def held_out_score(text):
     """A number in [0, 1) fixed by the text alone: the first 8 bytes of its sha256."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2 ** 64
+    return int.from_bytes(row_digest(text)[:8], "big") / 2 ** 64
 
 
-class ParquetRows:
-    """Rows of one string column written to one parquet file, each flush as ROW_GROUPS_PER_SHARD row groups."""
-
-    def __init__(self, path, column):
-        self.path, self.column, self.rows, self.chars, self.written, self.writer = path, column, [], 0, 0, None
-
-    def add(self, text):
-        self.rows.append(text)
-        self.chars += len(text)
-
-    def flush(self):
-        if not self.rows:
-            return
-        table = pa.table({self.column: pa.array(self.rows, type=pa.string())})
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
-        self.writer.write_table(table, row_group_size=math.ceil(len(self.rows) / ROW_GROUPS_PER_SHARD))
-        self.written += len(self.rows)
-        self.rows, self.chars = [], 0
-
-    def close(self):
-        self.flush()
-        if self.writer is not None:
-            self.writer.close()
-
-    def __len__(self):
-        return self.written + len(self.rows)
+def write_rows(path, column, rows):
+    """One parquet file of a string column, in ROW_GROUPS_PER_SHARD row groups (up to that many ranks all read
+    from it)."""
+    table = pa.table({column: pa.array(rows, type=pa.string())})
+    pq.write_table(table, path, row_group_size=max(1, math.ceil(len(rows) / ROW_GROUPS_PER_SHARD)),
+                   compression="zstd")
 
 
 class SplitWriter:
-    """Training rows in shards of about shard_chars characters (shard_00000.parquet, ...), held-out rows in one file
-    after them (the loader's layout: the last shard by name is the validation split), split by held_out_score.
-    Memory holds at most one shard of each split."""
+    """
+    Rows of one string column into the loader's layout: training shards shard_00000.parquet, ... and the held-out
+    rows in one shard after them (the last shard by name is the validation split), each row's split chosen by
+    held_out_score. The rows are shuffled by their hash, in two passes with bounded memory:
+    1. add(): each row goes to a bucket (JSON lines in the output directory) chosen by its sha256, through small
+       buffers (BUFFER_CHARS characters for all buckets together);
+    2. close(): each bucket, read whole (about SHARD_CHARS characters), becomes a shard with its rows in the order of
+       their sha256.
+    So every shard is a uniform sample of all rows, in an order that depends on the rows alone, not on the order of
+    the files: the loader reads shards one after another, and a directory with one topic per file would otherwise
+    train on one topic at a time.
+    """
 
-    def __init__(self, out_dir, val_fraction, column="text", shard_chars=32_000_000):
-        self.out_dir, self.val_fraction, self.column, self.shard_chars = out_dir, val_fraction, column, shard_chars
-        self.train_files, self.train = [], None
-        self.val = ParquetRows(os.path.join(out_dir, "val.parquet.part"), column)
-        self.lowest = None  # (score, train shard, row, source): the training row held out if no row falls under
-        self.highest = None  # (score, row, source): the held-out row kept for training if every row falls under
-        self._new_train_shard()
+    SHARD_CHARS = 32_000_000
+    MAX_SHARDS = 1024  # a larger input makes larger shards
+    BUFFER_CHARS = 64_000_000
 
-    def _new_train_shard(self):
-        self.train = ParquetRows(os.path.join(self.out_dir, f"shard_{len(self.train_files):05d}.parquet"),
-                                 self.column)
+    def __init__(self, out_dir, val_fraction, column="text", input_bytes=0):
+        self.out_dir, self.val_fraction, self.column = out_dir, val_fraction, column
+        train = max(1, min(self.MAX_SHARDS, math.ceil(input_bytes / self.SHARD_CHARS)))
+        self.buckets = {"train": train, "val": max(1, math.ceil(train * val_fraction))}
+        self.flush_chars = max(1 << 18, self.BUFFER_CHARS // (train + self.buckets["val"]))
+        self.buffers, self.count = {}, {"train": 0, "val": 0}
+        self.lowest = None  # (score, row, source) of the training rows: held out if no row falls under the fraction
+        self.highest = None  # (score, row, source) of the held-out rows: trained on if all rows fall under it
+
+    def _bucket_path(self, split, i):
+        return os.path.join(self.out_dir, f"{split}_{i:05d}.bucket.jsonl")
 
     def add(self, text, source):
         """Place one row; returns True when it is held out. `source` (e.g. a file index) comes back from close()."""
-        score = held_out_score(text)
-        if score < self.val_fraction:
-            if self.highest is None or score > self.highest[0]:
-                self.highest = (score, len(self.val), source)
-            self.val.add(text)
-            if self.val.chars >= self.shard_chars:
-                self.val.flush()
-            return True
-        if self.lowest is None or score < self.lowest[0]:
-            self.lowest = (score, len(self.train_files), len(self.train), source)
-        self.train.add(text)
-        if self.train.chars >= self.shard_chars:
-            self.train.close()
-            self.train_files.append(self.train.path)
-            self._new_train_shard()
-        return False
+        digest = row_digest(text)
+        score = int.from_bytes(digest[:8], "big") / 2 ** 64
+        split = "val" if score < self.val_fraction else "train"
+        if split == "val" and (self.highest is None or score > self.highest[0]):
+            self.highest = (score, text, source)
+        if split == "train" and (self.lowest is None or score < self.lowest[0]):
+            self.lowest = (score, text, source)
+        key = (split, int.from_bytes(digest[8:16], "big") % self.buckets[split])
+        rows = self.buffers.setdefault(key, [[], 0])
+        rows[0].append(text)
+        rows[1] += len(text)
+        self.count[split] += 1
+        if rows[1] >= self.flush_chars:
+            self._flush(key)
+        return split == "val"
+
+    def _flush(self, key):
+        rows = self.buffers.pop(key, [[]])[0]
+        if rows:
+            with open(self._bucket_path(*key), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+    def _bucket(self, split, i, drop=None):
+        """A bucket's rows in sha256 order, without the row `drop` (once); the bucket file is removed."""
+        path = self._bucket_path(split, i)
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        os.remove(path)
+        if drop is not None and drop in rows:
+            rows.remove(drop)
+        return sorted(rows, key=row_digest)
 
     def close(self):
-        """Write what is left. Returns (train shard names, val shard name, moved): moved is (source, "val"|"train")
+        """Write the shards. Returns (train shard names, val shard name, moved): moved is (source, "val"|"train")
         when a row changed split so that neither is empty, else None. Fewer than 2 rows in all is a BadInput."""
-        moved = None
-        if len(self.val) == 0 and self.lowest is not None:
-            _, shard, row, source = self.lowest
-            self.val.add(self._take_train_row(shard, row))
-            moved = (source, "val")
-        elif self.train_files == [] and len(self.train) == 0 and len(self.val) >= 2 and not self.val.written:
-            _, row, source = self.highest
-            self.train.add(self.val.rows.pop(row))
-            moved = (source, "train")
-        if len(self.train) == 0 and not self.train_files or len(self.val) == 0:
-            raise BadInput(f"{len(self.train) + len(self.val)} usable row(s) in all: need at least 2, one for training "
-                           f"and one held out for validation")
-        if len(self.train):
-            self.train.close()
-            self.train_files.append(self.train.path)
-        for i, path in enumerate(self.train_files):  # consecutive names, should a moved row have emptied a shard
-            os.replace(path, os.path.join(self.out_dir, f"shard_{i:05d}.parquet"))
-        self.val.close()
-        val_name = f"shard_{len(self.train_files):05d}.parquet"  # after every training shard
-        os.replace(self.val.path, os.path.join(self.out_dir, val_name))
-        return [f"shard_{i:05d}.parquet" for i in range(len(self.train_files))], val_name, moved
-
-    def _take_train_row(self, shard, row):
-        if shard == len(self.train_files):  # still in memory
-            return self.train.rows.pop(row)
-        path = self.train_files[shard]
-        rows = pq.read_table(path).column(self.column).to_pylist()
-        text = rows.pop(row)
-        os.remove(path)
-        if rows:
-            rewritten = ParquetRows(path, self.column)
-            rewritten.rows = rows
-            rewritten.close()
-        else:
-            self.train_files.pop(shard)
-        return text
+        for key in list(self.buffers):
+            self._flush(key)
+        if self.count["train"] + self.count["val"] < 2:
+            raise BadInput(f"{self.count['train'] + self.count['val']} usable row(s) in all: need at least 2, one for "
+                           f"training and one held out for validation")
+        to_val = self.lowest if self.count["val"] == 0 else None
+        to_train = self.highest if self.count["train"] == 0 else None
+        names = []
+        for i in range(self.buckets["train"]):
+            rows = self._bucket("train", i, drop=to_val and to_val[1])
+            rows += [to_train[1]] if to_train and i == 0 else []
+            if rows:
+                names.append(f"shard_{len(names):05d}.parquet")
+                write_rows(os.path.join(self.out_dir, names[-1]), self.column, rows)
+        val_name = f"shard_{len(names):05d}.parquet"  # after every training shard
+        writer = None
+        for i in range(self.buckets["val"]):
+            rows = self._bucket("val", i, drop=to_train and to_train[1]) + ([to_val[1]] if to_val and i == 0 else [])
+            if rows:
+                table = pa.table({self.column: pa.array(rows, type=pa.string())})
+                writer = writer or pq.ParquetWriter(os.path.join(self.out_dir, val_name), table.schema,
+                                                    compression="zstd")
+                writer.write_table(table, row_group_size=max(1, math.ceil(len(rows) / ROW_GROUPS_PER_SHARD)))
+        writer.close()
+        moved = (to_val[2], "val") if to_val else (to_train[2], "train") if to_train else None
+        return names, val_name, moved
 
 
 # -----------------------------------------------------------------------------
@@ -329,9 +333,9 @@ def read_manifest(directory):
 
 
 def remove_dead_staging(parent):
-    """Staging directories (<key>.tmp.<pid>) left by a preparation that was killed."""
+    """Staging directories (<key>.tmp.<pid>.<random>) left by a preparation that was killed."""
     for name in os.listdir(parent):
-        m = re.search(r"\.tmp\.(\d+)$", name)
+        m = re.search(r"\.tmp\.(\d+)\.", name)
         if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
@@ -347,20 +351,19 @@ def prepare_once(kind, key, build, what):
         return final, manifest
     os.makedirs(parent, exist_ok=True)
     remove_dead_staging(parent)
-    staging = f"{final}.tmp.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    staging = tempfile.mkdtemp(prefix=f"{key[:16]}.tmp.{os.getpid()}.", dir=parent)
     t0 = time.time()
     try:
         manifest = dict(build(staging), key=key, seconds=round(time.time() - t0, 2))
         atomic_write_bytes(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1).encode())
-        if os.path.exists(final):  # incomplete, or another key's (a 16-hex-digit prefix collision)
+        done = read_manifest(final)
+        if done is None or done.get("key") != key:  # not there, incomplete, or another key's (a prefix collision)
             shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(staging, final)
-        except OSError:  # another process renamed the same preparation into place first
-            if read_manifest(final) is None:
-                raise
+            try:
+                os.rename(staging, final)
+            except OSError:  # another process renamed the same preparation into place first
+                if (read_manifest(final) or {}).get("key") != key:
+                    raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print0(f"{what}: prepared in {manifest['seconds']:.1f}s into {final}")

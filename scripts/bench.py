@@ -3,6 +3,7 @@ Benchmarks, one subcommand each. Every one prints a table and writes bench_resul
 
     python -m scripts.bench params    # parameter counts by group and FLOPs/token of every registered type and preset
     python -m scripts.bench data      # tokenizer training time, dataloader tok/s (--with_model: vs d4 gpt)
+    python -m scripts.bench data --data=my_texts/   # ... on your own text, after timing its preparation (MB/s)
     python -m scripts.bench train     # tok/s of forward+backward and of a full optimizer step, vs transformers
     python -m scripts.bench decode    # Engine prefill and per-token time at batch 1 and 8, vs transformers generate
     python -m scripts.bench infer     # the same on a checkpoint, batch-size sweep (CUDA: bandwidth, compute, memory)
@@ -63,6 +64,8 @@ def add_data(sub):
     p.add_argument("--seconds", type=float, default=2.0, help="time per dataloader measurement")
     p.add_argument("--tokenizer_threads", type=int, default=4, help="threads for batched tokenization")
     p.add_argument("--with_model", action="store_true", help="also time a d4 gpt forward+backward (fp32, CPU)")
+    p.add_argument("--data", default=None, help="your own text (as base_train --data): time its preparation (MB/s, "
+                   "in a temp dir) and measure the tokenizers and the loader on it instead of the embedded corpus")
     p.set_defaults(func=data.run)
 
 

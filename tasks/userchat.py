@@ -144,8 +144,8 @@ def file_conversations(path, shown, bad, on_progress):
 
 def build(files, hashes, root, val_fraction, skip_bad_lines, staging):
     """Every file's conversations into a training and a held-out parquet file; returns the manifest."""
-    writer = SplitWriter(staging, val_fraction, column=COLUMN)
     records, total = [], sum(os.path.getsize(full) for _, full in files)
+    writer = SplitWriter(staging, val_fraction, column=COLUMN, input_bytes=total)
     with byte_progress("preparing", total) as bar:
         for index, (name, full) in enumerate(files):
             shown = os.path.join(root, name) if os.path.isdir(root) else root

@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import httpx
 import pytest
 
 from nanochat.checkpoint import checkpoint_dir, read_meta
@@ -13,11 +14,14 @@ from nanochat.cli import parse, run_cli
 from nanochat.config import SFTConfig
 from nanochat.engine import Engine, RowState
 from nanochat.finetune import STAGES, chat_tasks
+from nanochat.serve.app import create_app
+from nanochat.serve.pool import load_workers
 from nanochat.tokenizer import get_tokenizer
 from nanochat.userfiles import BadInput, held_out_score
-from scripts import base_train, chat_cli, chat_sft, mid_train, tok_train
+from scripts import base_train, chat_cli, chat_eval, chat_sft, mid_train, tok_train
 from tasks import mixtures
 from tasks.userchat import UserConversations, conversation_messages, parse_spec, prepare_conversations
+from tests.serve.conftest import serve
 from tests.test_userdata import write
 
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=64", "--device_batch_size=2", "--eval_every=-1",
@@ -230,7 +234,7 @@ def test_mid_and_sft_record_the_data_and_resume_only_on_it(base_ckpt, tmp_path):
 @pytest.mark.slow
 def test_own_text_and_conversations_to_a_chat_model(tmp_path, monkeypatch, capsys):
     """tok_train --data -> base_train --data -> chat_sft --data -> chat_cli, with files written here; SFT lowers
-    the loss on the held-out conversations."""
+    the loss on the held-out conversations; chat_eval and chat_web serve the result unchanged."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     facts = [f"{NAMES[i % 12]} likes {COLORS[(i * 7) % 6]}. {NAMES[(i + 3) % 12]} asked about it, and {NAMES[i % 12]} "
              f"said that {COLORS[(i * 7) % 6]} was the best color of all." for i in range(400)]
@@ -247,3 +251,11 @@ def test_own_text_and_conversations_to_a_chat_model(tmp_path, monkeypatch, capsy
     chat_cli.main(["--model_tag=gpt_d1", "-t", "0", "-m", "16", "-p", "What color does Alice like?"])
     answer = capsys.readouterr().out.strip().splitlines()[-1]
     assert answer.strip() and "likes" in answer, answer
+    # chat_eval and chat_web take the checkpoint as any other
+    assert "SpellingBee" in chat_eval.main(["-i", "sft", "--model_tag=gpt_d1", "-a", "SpellingBee", "-x", "2",
+                                            "-m", "8"])
+    app = create_app(load_workers("sft", ["gpt_d1"], 1, "cpu"), temperature=0.0, max_tokens=16)
+    with serve(app) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "What color does Bob like?"}]})
+    assert r.status_code == 200 and "likes" in r.json()["choices"][0]["message"]["content"], r.text

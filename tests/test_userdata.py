@@ -163,9 +163,28 @@ def test_a_killed_preparation_leaves_nothing_that_looks_complete(base, tmp_path,
         m.setattr(SplitWriter, "close", killed)
         prepare_text(path)
     assert os.listdir(base / "user_data") == []  # the staging directory is gone, nothing was renamed into place
-    os.makedirs(base / "user_data" / "0123456789abcdef.tmp.999999999")  # a dead process's staging directory
+    os.makedirs(base / "user_data" / "0123456789abcdef.tmp.999999999.x1y2")  # a dead process's staging directory
     directory, manifest = prepare_text(path)
     assert os.listdir(base / "user_data") == [os.path.basename(directory)] and manifest["documents"] == 30
+
+
+def test_two_processes_preparing_the_same_bytes_keep_the_first(base, tmp_path):
+    """Another process (here: a nested call) finishes the same preparation first: its directory is kept as it is,
+    never removed under its readers, and this one's staging directory is dropped."""
+    built = []
+
+    def build(staging):
+        if not built:
+            built.append("inner")
+            first = userfiles.prepare_once("user_data", "ab" * 32, build, "inner")
+            built.append(os.stat(first[0]).st_ino)
+        with open(os.path.join(staging, "x.parquet"), "w") as f:
+            f.write(str(len(built)))
+        return {"who": len(built)}
+
+    directory, manifest = userfiles.prepare_once("user_data", "ab" * 32, build, "outer")
+    assert manifest["who"] == 1 and os.stat(directory).st_ino == built[1]  # the inner one's, untouched
+    assert os.listdir(base / "user_data") == [os.path.basename(directory)]
 
 
 # -----------------------------------------------------------------------------
@@ -201,17 +220,42 @@ def test_neither_split_is_ever_empty(base, tmp_path):
         prepare_text(write(tmp_path / "one.txt", make_doc(1)))
 
 
-def test_a_row_held_out_from_a_written_shard_leaves_consecutive_shards(tmp_path):
-    docs = [d for d in (make_doc(i, n=40) for i in range(200)) if held_out_score(d) >= 0.01][:12]
-    writer = SplitWriter(str(tmp_path), 0.01, shard_chars=200)  # every document fills a shard
+def test_shards_are_uniform_samples_in_an_order_fixed_by_the_rows_alone(tmp_path, monkeypatch):
+    """Rows are spread over the shards by their hash and ordered by it inside each: the same rows in any order of
+    the files give the same shards, and a shard holds rows of every file (the loader reads shards in turn)."""
+    monkeypatch.setattr(SplitWriter, "SHARD_CHARS", 2000)  # 4 training shards for 8000 bytes
+    monkeypatch.setattr(SplitWriter, "BUFFER_CHARS", 100)  # buckets are written in many small pieces
+    topics = [[f"topic{t} {make_doc(i)}" for i in range(60)] for t in range(4)]  # one topic per file
+    shards = []
+    for order, name in ((topics, "a"), (topics[::-1], "b")):
+        os.makedirs(tmp_path / name)
+        writer = SplitWriter(str(tmp_path / name), 0.1, input_bytes=8000)
+        for t, docs in enumerate(order):
+            for doc in (docs if name == "a" else docs[::-1]):
+                writer.add(doc, t)
+        train, val, moved = writer.close()
+        assert train == [f"shard_{i:05d}.parquet" for i in range(4)] and val == "shard_00004.parquet" and not moved
+        assert sorted(os.listdir(tmp_path / name)) == train + [val]  # the buckets are gone
+        shards.append([pq.read_table(tmp_path / name / f).column("text").to_pylist() for f in train + [val]])
+    assert shards[0] == shards[1]
+    everything = sorted(d for docs in topics for d in docs)
+    assert sorted(d for shard in shards[0] for d in shard) == everything
+    assert shards[0][-1] == sorted((d for d in everything if held_out_score(d) < 0.1), key=userfiles.row_digest)
+    for shard in shards[0][:-1]:
+        assert {d.split()[0] for d in shard} == {f"topic{t}" for t in range(4)} and len(shard) > 20
+
+
+def test_a_training_row_moved_to_the_empty_held_out_split(tmp_path):
+    docs = [d for d in (make_doc(i) for i in range(100)) if held_out_score(d) >= 0.01][:12]
+    writer = SplitWriter(str(tmp_path), 0.01, input_bytes=10 ** 5)  # several training shards
     for i, doc in enumerate(docs):
         assert writer.add(doc, i) is False
     lowest = min(range(12), key=lambda i: held_out_score(docs[i]))
     train, val, moved = writer.close()
-    assert moved == (lowest, "val") and train == [f"shard_{i:05d}.parquet" for i in range(11)]
-    assert val == "shard_00011.parquet" and sorted(os.listdir(tmp_path)) == train + [val]
+    assert moved == (lowest, "val") and train == [f"shard_{i:05d}.parquet" for i in range(len(train))]
     read = lambda name: pq.read_table(tmp_path / name).column("text").to_pylist()  # noqa: E731
-    assert read(val) == [docs[lowest]] and [d for n in train for d in read(n)] == docs[:lowest] + docs[lowest + 1:]
+    assert read(val) == [docs[lowest]]
+    assert sorted(d for n in train for d in read(n)) == sorted(docs[:lowest] + docs[lowest + 1:])
 
 
 # -----------------------------------------------------------------------------
@@ -353,6 +397,26 @@ def test_base_train_trains_a_tokenizer_on_own_data_and_resumes_only_on_it(base, 
     other = write(tmp_path / "b.txt", in_format([make_doc(i) for i in range(300, 320)], ".txt"))
     base_train.main([f"--data={other}", *TINY, "--num_iterations=1", "--model_tag=other"])
     assert f"note: the tokenizer was trained on {path}, not on this --data" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compare_trains_both_types_on_own_text(tmp_path):
+    """A relative --data given to compare from another directory reaches every run, and base_loss scores each run
+    on that data's held-out split."""
+    write(tmp_path / "texts" / "a.txt", in_format([make_doc(i) for i in range(300)], ".txt"))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", "scripts.compare", "--model_types", "gpt", "alcoholic", "--depth", "1",
+                           "--seeds", "1", "--num_iterations", "2", "--head_dim=32", "--max_seq_len=32",
+                           "--device_batch_size=2", "--eval_tokens=64", "--loss_tokens=64", "--core_max_per_task=0",
+                           "--data=texts"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for model_type in ("gpt", "alcoholic"):
+        meta = read_meta(str(tmp_path / "base" / "base_checkpoints" / f"cmp_{model_type}_d1_s1"), 2)
+        assert meta["data"]["path"] == str(tmp_path / "texts") and meta["data"]["documents"] == 300
+        assert "val_bpb" in meta["metrics"] and "train_bpb" in meta["metrics"]
+        log = (tmp_path / "base" / "report" / "compare_logs" / f"cmp_{model_type}_d1_s1.base_loss.log").read_text()
+        assert f"data: the checkpoint's own, {meta['data']['dir']}" in log
 
 
 def test_compare_gives_its_runs_absolute_data_paths(tmp_path, monkeypatch):
