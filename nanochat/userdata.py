@@ -24,17 +24,16 @@ import pyarrow.parquet as pq
 from nanochat.log import one_line, print0
 from nanochat.userfiles import (
     BadInput,
-    BadLines,
-    SplitWriter,
     byte_chunks,
-    byte_progress,
     check_bad_lines,
     content_key,
     find_files,
     prepare_once,
     read_manifest,
     split_name,
+    split_summary,
     text_lines,
+    write_splits,
 )
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
@@ -43,7 +42,7 @@ MAX_DOC_CHARS = 100_000  # a .txt/.md document is cut at the first line end past
 PARQUET_BATCH = 1024
 
 
-def txt_documents(path, name, bad, field, staging, on_progress, counts):
+def txt_documents(path, name, bad, field, staging, on_progress, record):
     """Documents of a .txt/.md file: separated by two or more blank lines (see the module docstring)."""
     lines, size, blank_run = [], 0, 0
     for _, line in text_lines(path, name, bad, on_progress=on_progress):
@@ -59,14 +58,14 @@ def txt_documents(path, name, bad, field, staging, on_progress, counts):
         lines.append(line)
         size += len(line) + 1
         if size >= MAX_DOC_CHARS:
-            counts["cut_documents"] += 1
+            record["cut_documents"] += 1
             yield "\n".join(lines).strip("\n")
             lines, size = [], 0
     if lines:
         yield "\n".join(lines).strip("\n")
 
 
-def jsonl_documents(path, name, bad, field, staging, on_progress, counts):
+def jsonl_documents(path, name, bad, field, staging, on_progress, record):
     """The `field` of each JSON line."""
     for lineno, line in text_lines(path, name, bad, whole=True, on_progress=on_progress):
         if not line.strip():
@@ -88,7 +87,7 @@ def jsonl_documents(path, name, bad, field, staging, on_progress, counts):
             yield item[field]
 
 
-def parquet_documents(path, name, bad, field, staging, on_progress, counts):
+def parquet_documents(path, name, bad, field, staging, on_progress, record):
     """The string column `field`, row by row; a compressed parquet file is first decompressed into the staging
     directory (parquet is read from its end, so it cannot be read as a stream)."""
     if split_name(path)[1]:
@@ -123,38 +122,17 @@ READERS = {".txt": txt_documents, ".md": txt_documents, ".jsonl": jsonl_document
 
 
 def build(files, hashes, root, text_field, val_fraction, skip_bad_lines, staging):
-    """Every file's documents into SplitWriter's shards; returns the manifest."""
-    total = sum(os.path.getsize(full) for _, full in files)
-    writer = SplitWriter(staging, val_fraction, input_bytes=total)
-    records, bad_total, first_bad = [], 0, None
-    with byte_progress("preparing", total) as bar:
-        for index, (name, full) in enumerate(files):
-            shown = os.path.join(root, name) if os.path.isdir(root) else root
-            bad, counts = BadLines(shown, skip_bad_lines), {"cut_documents": 0}
-            record = {"name": name, "sha256": hashes[name], "bytes": os.path.getsize(full), "documents": 0,
-                      "val_documents": 0}
-            for doc in READERS[split_name(name)[0]](full, shown, bad, text_field, staging, bar.update, counts):
-                record["documents"] += 1
-                record["val_documents"] += writer.add(doc, index)
-            if record["documents"] == 0:
-                empty = f"{shown}: no usable documents in this file" + (
-                    f" (all {bad.count} non-blank line(s) bad, the first: {bad.first})" if bad.count else "")
-                if not skip_bad_lines:
-                    raise BadInput(empty)
-                bad.count, bad.first = bad.count + 1, bad.first or empty
-            records.append(dict(record, bad_lines=bad.count, **counts))
-            bad_total += bad.count
-            first_bad = first_bad or bad.first
-    train_shards, val_shard, moved = writer.close()
-    if moved:
-        source, split = moved
-        records[source]["val_documents"] += 1 if split == "val" else -1
-    documents = sum(r["documents"] for r in records)
-    val = sum(r["val_documents"] for r in records)
+    """Every file's documents into shards; returns the manifest."""
+
+    def documents(path, shown, bad, on_progress, record):
+        record.setdefault("cut_documents", 0)
+        yield from READERS[split_name(path)[0]](path, shown, bad, text_field, staging, on_progress, record)
+
+    records, train_shards, val_shard = write_splits(files, hashes, root, val_fraction, skip_bad_lines, staging,
+                                                    documents, "document")
     return {"kind": "text", "format_version": FORMAT_VERSION, "text_field": text_field, "val_fraction": val_fraction,
-            "files": records, "documents": documents, "train_documents": documents - val, "val_documents": val,
-            "bytes": total, "train_shards": train_shards, "val_shard": val_shard, "bad_lines": bad_total,
-            "first_bad_line": first_bad, "cut_documents": sum(r["cut_documents"] for r in records)}
+            "files": records, **split_summary(records, "document"), "train_shards": train_shards,
+            "val_shard": val_shard, "cut_documents": sum(r["cut_documents"] for r in records)}
 
 
 def prepare_text(path, text_field="text", val_fraction=0.01, skip_bad_lines=False):
@@ -216,7 +194,7 @@ def checkpoint_data_dir(meta, data=None, text_field=None, val_fraction=None, ski
     is not given), else the data the checkpoint trained on (its prepared shards when they are still there, else
     prepared again from its path), else (None, None): the default shards."""
     args, recorded = meta.get("train_args", {}), meta.get("data")
-    path = data or args.get("data")
+    path = data or (recorded or {}).get("path") or args.get("data")  # the record's path is absolute
     if not path:
         return None, None
     text_field = text_field or args.get("text_field") or "text"

@@ -320,6 +320,44 @@ class SplitWriter:
         return names, val_name, moved
 
 
+def write_splits(files, hashes, root, val_fraction, skip_bad_lines, staging, rows_of, unit, column="text"):
+    """Every file's rows into SplitWriter's shards, with a progress bar over the input bytes. rows_of(path, shown
+    name, bad, on_progress, record) yields a file's rows and may count into its record. Returns (records, train
+    shard names, val shard name), a record per file: name, sha256, bytes, <unit>s, val_<unit>s, bad_lines,
+    first_bad_line. A file without any row is a BadInput (with skip_bad_lines: one more bad line)."""
+    total = sum(os.path.getsize(full) for _, full in files)
+    writer = SplitWriter(staging, val_fraction, column=column, input_bytes=total)
+    records = []
+    with byte_progress("preparing", total) as bar:
+        for index, (name, full) in enumerate(files):
+            shown = os.path.join(root, name) if os.path.isdir(root) else root
+            bad = BadLines(shown, skip_bad_lines)
+            record = {"name": name, "sha256": hashes[name], "bytes": os.path.getsize(full), f"{unit}s": 0,
+                      f"val_{unit}s": 0}
+            for row in rows_of(full, shown, bad, bar.update, record):
+                record[f"{unit}s"] += 1
+                record[f"val_{unit}s"] += writer.add(row, index)
+            if record[f"{unit}s"] == 0:
+                empty = f"{shown}: no usable {unit}s in this file" + (
+                    f" (all {bad.count} non-blank line(s) bad, the first: {bad.first})" if bad.count else "")
+                if not skip_bad_lines:
+                    raise BadInput(empty)
+                bad.count, bad.first = bad.count + 1, bad.first or empty
+            records.append(dict(record, bad_lines=bad.count, first_bad_line=bad.first))
+    train_shards, val_shard, moved = writer.close()
+    if moved:
+        records[moved[0]][f"val_{unit}s"] += 1 if moved[1] == "val" else -1
+    return records, train_shards, val_shard
+
+
+def split_summary(records, unit):
+    """The manifest's totals over the files' records."""
+    n, val = sum(r[f"{unit}s"] for r in records), sum(r[f"val_{unit}s"] for r in records)
+    return {f"{unit}s": n, f"train_{unit}s": n - val, f"val_{unit}s": val, "bytes": sum(r["bytes"] for r in records),
+            "bad_lines": sum(r["bad_lines"] for r in records),
+            "first_bad_line": next((r["first_bad_line"] for r in records if r["first_bad_line"]), None)}
+
+
 # -----------------------------------------------------------------------------
 # Prepared once
 

@@ -25,15 +25,13 @@ from nanochat.config.data import CHAT_SPEC
 from nanochat.log import print0
 from nanochat.tools import use_calculator
 from nanochat.userfiles import (
-    BadInput,
-    BadLines,
-    SplitWriter,
-    byte_progress,
     check_bad_lines,
     content_key,
     find_files,
     prepare_once,
+    split_summary,
     text_lines,
+    write_splits,
 )
 from tasks.common import Task
 
@@ -126,8 +124,9 @@ def tool_mismatches(messages):
     return count
 
 
-def file_conversations(path, shown, bad, on_progress):
-    """(JSON of the checked conversation, its calculator mismatches) per good line."""
+def file_conversations(path, shown, bad, on_progress, record):
+    """The JSON of each checked conversation of a file; its calculator mismatches are counted into its record."""
+    record.setdefault("tool_mismatches", 0)
     for lineno, line in text_lines(path, shown, bad, whole=True, on_progress=on_progress):
         if not line.strip():
             continue
@@ -139,39 +138,16 @@ def file_conversations(path, shown, bad, on_progress):
         except ValueError as e:
             bad(lineno, str(e))
             continue
-        yield json.dumps(messages, ensure_ascii=False), tool_mismatches(messages)
+        record["tool_mismatches"] += tool_mismatches(messages)
+        yield json.dumps(messages, ensure_ascii=False)
 
 
 def build(files, hashes, root, val_fraction, skip_bad_lines, staging):
-    """Every file's conversations into a training and a held-out parquet file; returns the manifest."""
-    records, total = [], sum(os.path.getsize(full) for _, full in files)
-    writer = SplitWriter(staging, val_fraction, column=COLUMN, input_bytes=total)
-    with byte_progress("preparing", total) as bar:
-        for index, (name, full) in enumerate(files):
-            shown = os.path.join(root, name) if os.path.isdir(root) else root
-            bad = BadLines(shown, skip_bad_lines)
-            record = {"name": name, "sha256": hashes[name], "conversations": 0, "val_conversations": 0,
-                      "tool_mismatches": 0}
-            for text, mismatches in file_conversations(full, shown, bad, bar.update):
-                record["conversations"] += 1
-                record["val_conversations"] += writer.add(text, index)
-                record["tool_mismatches"] += mismatches
-            if record["conversations"] == 0:
-                empty = f"{shown}: no usable conversations in this file" + (
-                    f" (all {bad.count} non-blank line(s) bad, the first: {bad.first})" if bad.count else "")
-                if not skip_bad_lines:
-                    raise BadInput(empty)
-                bad.count, bad.first = bad.count + 1, bad.first or empty
-            records.append(dict(record, bad_lines=bad.count, first_bad_line=bad.first))
-    train_shards, val_shard, moved = writer.close()
-    if moved:
-        records[moved[0]]["val_conversations"] += 1 if moved[1] == "val" else -1
-    n, val = sum(r["conversations"] for r in records), sum(r["val_conversations"] for r in records)
+    """Every file's conversations into a training and a held-out split; returns the manifest."""
+    records, train_shards, val_shard = write_splits(files, hashes, root, val_fraction, skip_bad_lines, staging,
+                                                    file_conversations, "conversation", column=COLUMN)
     return {"kind": "chat", "format_version": FORMAT_VERSION, "val_fraction": val_fraction, "files": records,
-            "conversations": n, "train_conversations": n - val, "val_conversations": val,
-            "train_shards": train_shards, "val_shard": val_shard,
-            "bad_lines": sum(r["bad_lines"] for r in records),
-            "first_bad_line": next((r["first_bad_line"] for r in records if r["first_bad_line"]), None),
+            **split_summary(records, "conversation"), "train_shards": train_shards, "val_shard": val_shard,
             "tool_mismatches": sum(r["tool_mismatches"] for r in records)}
 
 
@@ -193,7 +169,7 @@ def prepare_conversations(path, val_fraction=0.05, skip_bad_lines=False):
 
 
 class UserConversations(Task):
-    """One split of a prepared --data file: its conversations in the order of the file."""
+    """One split of a prepared --data file: its conversations, in the order of their hash (nanochat/userfiles.py)."""
 
     def __init__(self, directory, manifest, split, name, **kwargs):
         super().__init__(**kwargs)

@@ -5,11 +5,13 @@ own text and conversations to a chat model."""
 import json
 import os
 import re
+import subprocess
+import sys
 
 import httpx
 import pytest
 
-from nanochat.checkpoint import checkpoint_dir, read_meta
+from nanochat.checkpoint import checkpoint_dir, load_rank_state, read_meta
 from nanochat.cli import parse, run_cli
 from nanochat.config import SFTConfig
 from nanochat.engine import Engine, RowState
@@ -24,6 +26,7 @@ from tasks.userchat import UserConversations, conversation_messages, parse_spec,
 from tests.serve.conftest import serve
 from tests.test_userdata import write
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=64", "--device_batch_size=2", "--eval_every=-1",
         "--eval_tokens=128", "--sample_every=-1"]
 NAMES = "Alice Bob Carol Dan Eve Frank Grace Heidi Ivan Judy Mallory Oscar".split()
@@ -259,3 +262,30 @@ def test_own_text_and_conversations_to_a_chat_model(tmp_path, monkeypatch, capsy
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": "What color does Bob like?"}]})
     assert r.status_code == 200 and "likes" in r.json()["choices"][0]["message"]["content"], r.text
+
+
+@pytest.mark.slow
+def test_two_ranks_prepare_once_and_train_on_own_data(tmp_path, monkeypatch):
+    """torchrun with 2 gloo ranks: rank 0 prepares the text and the conversations, rank 1 waits for it and reads
+    the same shards (its own row groups)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    texts = write(tmp_path / "texts" / "a.txt", "\n\n\n".join(f"{NAMES[i % 12]} likes {COLORS[i % 6]}, says {i}."
+                                                              for i in range(400)))
+    convs = write(tmp_path / "chats.jsonl", jsonl([chat(i) for i in range(60)]))
+
+    def torchrun(script, *flags):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", f"scripts.{script}", "--", *flags], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    out = torchrun("base_train", f"--data={texts}", *TINY, "--num_iterations=2")
+    assert out.count("prepared in") == 1 and "training a 4096-token BPE tokenizer" in out
+    d = checkpoint_dir("base", "gpt_d1")
+    states = [load_rank_state(d, 2, r)["dataloader"] for r in (0, 1)]
+    assert states[0]["cur_pos"] != states[1]["cur_pos"]  # each rank its own row groups of the prepared shards
+    out = torchrun("chat_sft", "--model_tag=gpt_d1", f"--data={convs}", "--num_iterations=2", "--eval_steps=1",
+                   "--device_batch_size=1")
+    assert out.count("prepared in") == 1 and read_meta(checkpoint_dir("sft", "gpt_d1"), 2)["world_size"] == 2
