@@ -86,12 +86,18 @@ def check_same_data(resume, records):
 
 
 def own_report_lines(records):
-    """--data in the run report: each file's path, weight, content hash and counts."""
-    return {"data": "; ".join(
-        f"{r['path']} (x{r['weight']}, sha256 {r['key'][:16]}, {r['conversations']:,} conversations: "
-        f"{r['train_conversations']:,} train, {r['val_conversations']:,} held out, {r['truncated']:,} truncated"
+    """--data in the run report: each --data's path, weight, content hash and counts, and each of its files' name,
+    sha256 and conversations."""
+    if not records:
+        return {}
+    return {"data": " | ".join(
+        f"{r['path']} (x{r['weight']}, {r['conversations']:,} conversations: {r['train_conversations']:,} train, "
+        f"{r['val_conversations']:,} held out, {r['truncated']:,} truncated"
         + (f", {r['bad_lines_skipped']:,} bad lines skipped" if r["bad_lines_skipped"] else "") + ")"
-        for r in records) or None}
+        for r in records),
+        "data_hash": " | ".join(r["key"][:16] for r in records),
+        "data_files": " | ".join("; ".join(f"{f['name']} (sha256 {f['sha256'][:12]}, {f['conversations']:,} "
+                                           f"conversations)" for f in r["files"][:20]) for r in records)}
 
 
 def epoch_tokens(task, tokenizer, row_tokens, sample=2000):

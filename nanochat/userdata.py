@@ -15,7 +15,6 @@ A malformed JSON line, a missing, non-string or empty text, a non-UTF-8 byte, or
 line naming the file and the line (--skip_bad_lines skips them and counts them).
 """
 
-import json
 import os
 
 import pyarrow as pa
@@ -28,6 +27,8 @@ from nanochat.userfiles import (
     check_bad_lines,
     content_key,
     find_files,
+    loads_json,
+    not_text,
     prepare_once,
     read_manifest,
     split_name,
@@ -70,10 +71,8 @@ def jsonl_documents(path, name, bad, field, staging, on_progress, record):
     for lineno, line in text_lines(path, name, bad, whole=True, on_progress=on_progress):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
+        ok, item = loads_json(line, lineno, bad)
+        if not ok:
             continue
         if not isinstance(item, dict):
             bad(lineno, f"expected a JSON object with a {field!r} field, got a JSON {type(item).__name__}")
@@ -83,6 +82,8 @@ def jsonl_documents(path, name, bad, field, staging, on_progress, record):
             bad(lineno, f"{field!r} is a {type(item[field]).__name__}, not a string")
         elif not item[field].strip():
             bad(lineno, f"empty {field!r}")
+        elif not_text(item[field]):
+            bad(lineno, f"{field!r} holds {not_text(item[field])}")
         else:
             yield item[field]
 
@@ -106,8 +107,14 @@ def parquet_documents(path, name, bad, field, staging, on_progress, record):
     kind = schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise BadInput(f"{name}: column {field!r} has type {kind}, expected strings")
-    row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=[field]):
+    row, batches = 0, pf.iter_batches(batch_size=PARQUET_BATCH, columns=[field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as e:
+            raise BadInput(f"{name}:row {row + 1}: unreadable ({one_line(e)}): a damaged parquet file?") from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             row += 1
             if text is None or not text.strip():

@@ -144,6 +144,26 @@ def byte_lines(path, name, on_progress=None):
         yield lineno, rest, True
 
 
+def loads_json(line, lineno, bad):
+    """(True, json.loads(line)), or (False, None) after reporting a bad line."""
+    try:
+        return True, json.loads(line)
+    except json.JSONDecodeError as e:
+        bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        bad(lineno, "JSON nested too deeply")
+    return False, None
+
+
+def not_text(s):
+    """Why a str from JSON is not text, or None: a lone surrogate ("\\ud800" is valid JSON, but no character)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate {e.object[e.start:e.end]!r}: an escape that is not a character"
+    return None
+
+
 def text_lines(path, name, bad, whole=False, on_progress=None):
     """(line number, str) for each line of a file (line ends and a trailing \\r removed). A line that is not UTF-8 is
     a bad line; with whole=True (JSON lines) so is a line longer than MAX_LINE_BYTES, otherwise it comes in pieces."""
@@ -197,10 +217,13 @@ def content_key(files, settings):
     with byte_progress("hashing", total) as bar:
         for name, full in files:
             h = hashlib.sha256()
-            with open(full, "rb") as f:
-                while chunk := f.read(CHUNK_BYTES):
-                    h.update(chunk)
-                    bar.update(len(chunk))
+            try:
+                with open(full, "rb") as f:
+                    while chunk := f.read(CHUNK_BYTES):
+                        h.update(chunk)
+                        bar.update(len(chunk))
+            except OSError as e:  # unreadable (permissions), or gone since it was listed
+                raise BadInput(f"{full}: cannot be read ({e.strerror or one_line(e)})") from None
             hashes[name] = h.hexdigest()
             key.update(f"{name}\0{hashes[name]}\0".encode())
     return key.hexdigest(), hashes

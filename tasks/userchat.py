@@ -28,6 +28,8 @@ from nanochat.userfiles import (
     check_bad_lines,
     content_key,
     find_files,
+    loads_json,
+    not_text,
     prepare_once,
     split_summary,
     text_lines,
@@ -130,16 +132,20 @@ def file_conversations(path, shown, bad, on_progress, record):
     for lineno, line in text_lines(path, shown, bad, whole=True, on_progress=on_progress):
         if not line.strip():
             continue
-        try:
-            messages = conversation_messages(json.loads(line))
-        except json.JSONDecodeError as e:
-            bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
+        ok, item = loads_json(line, lineno, bad)
+        if not ok:
             continue
+        try:
+            messages = conversation_messages(item)
         except ValueError as e:
             bad(lineno, str(e))
             continue
+        text = json.dumps(messages, ensure_ascii=False)
+        if not_text(text):
+            bad(lineno, f"the conversation holds {not_text(text)}")
+            continue
         record["tool_mismatches"] += tool_mismatches(messages)
-        yield json.dumps(messages, ensure_ascii=False)
+        yield text
 
 
 def build(files, hashes, root, val_fraction, skip_bad_lines, staging):

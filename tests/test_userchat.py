@@ -148,6 +148,8 @@ def test_bad_conversations_from_chat_sft_are_one_line_with_file_and_line(base_ck
         "latin1.jsonl": (good.encode() + '[{"role": "user", "content": "caf\xe9"}]\n'.encode("latin-1"),
                          r"latin1.jsonl:5: not UTF-8 \(byte 0xe9 at column 34\)"),
         "nothing.jsonl": ("\n\n", r"nothing.jsonl: no usable conversations in this file$"),
+        "surrogate.jsonl": (good + '[{"role": "user", "content": "\\udfff"}, {"role": "assistant", "content": "b"}]\n',
+                            r"surrogate.jsonl:5: the conversation holds a lone surrogate"),
     }
     for name, (data, message) in cases.items():
         path = write(tmp_path / name, data)
@@ -223,7 +225,9 @@ def test_mid_and_sft_record_the_data_and_resume_only_on_it(base_ckpt, tmp_path):
     assert record["files"][0]["name"] == "mine.jsonl" and len(record["files"][0]["sha256"]) == 64
     assert meta["chat_data"].startswith(f"{2 * record['train_conversations']} conversations: UserConversations")
     report = (base_ckpt / "report" / "midtraining.md").read_text()
-    assert f"- data: {path} (x2, sha256 {record['key'][:16]}, 30 conversations:" in report
+    assert f"- data: {path} (x2, 30 conversations: {record['train_conversations']} train" in report
+    assert f"- data_hash: {record['key'][:16]}" in report
+    assert f"- data_files: mine.jsonl (sha256 {record['files'][0]['sha256'][:12]}, 30 conversations)" in report
     with pytest.raises(SystemExit):
         run_cli(lambda: mid_train.main(["--model_tag=gpt_d1", f"--data={path}", "--num_iterations=3", "--resume"]))
     mid_train.main(["--model_tag=gpt_d1", f"--data={path}:2", "--num_iterations=3", "--eval_steps=1", "--resume"])

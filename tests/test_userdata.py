@@ -284,6 +284,9 @@ def test_bad_text_input_is_one_line_naming_file_and_line(base, tmp_path, capsys)
         "latin1.jsonl": (good.encode() + '{"text": "caf\xe9"}\n'.encode("latin-1"),
                          r"latin1.jsonl:4: not UTF-8 \(byte 0xe9 at column 14\)"),
         "blank.txt": ("\n \n\n", r"blank.txt: no usable documents in this file$"),
+        "surrogate.jsonl": (good + '{"text": "a\\ud800b"}\n', r"surrogate.jsonl:4: 'text' holds a lone surrogate "
+                                                              r"'\\ud800': an escape that is not a character"),
+        "nested.jsonl": (good + "[" * 100_000 + "]" * 100_000 + "\n", r"nested.jsonl:4: JSON nested too deeply"),
         "allbad.jsonl": ("\n[1]\n", r"allbad.jsonl:2: expected a JSON object"),
     }
     for name, (data, message) in cases.items():
@@ -293,6 +296,10 @@ def test_bad_text_input_is_one_line_naming_file_and_line(base, tmp_path, capsys)
     data = compress((good * 50).encode(), ".gz")
     (tmp_path / "cut.jsonl.gz").write_bytes(data[:len(data) // 2])
     assert "cut.jsonl.gz: cannot be read (" in one_line_error(capsys, [f"--data={tmp_path / 'cut.jsonl.gz'}"])
+    data = parquet_bytes([make_doc(i) for i in range(3000)])
+    damaged = write(tmp_path / "damaged.parquet", data[:100] + bytes(2000) + data[2100:])  # a row group's bytes
+    assert re.search(r"damaged.parquet(:row 1)?: (unreadable|not a readable parquet file) \(",
+                     one_line_error(capsys, [f"--data={damaged}"]))
     cols = write(tmp_path / "cols.parquet", parquet_bytes(["a", "b"], column="body"))
     assert "cols.parquet: no column 'text' (columns: body" in one_line_error(capsys, [f"--data={cols}"])
     assert "missing: no such file or directory" in one_line_error(capsys, [f"--data={tmp_path / 'missing'}"])
