@@ -23,7 +23,7 @@ class DataLoader:
     every_target_counts = True  # a plain token stream: no target is -1, so the trainer need not count them
 
     def __init__(self, B, T, split, tokenizer=None, device="cpu", rank=None, world_size=None,
-                 tokenizer_threads=4, tokenizer_batch_size=128):
+                 tokenizer_threads=4, tokenizer_batch_size=128, data_dir=None):
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}; allowed: 'train', 'val'")
         if rank is None or world_size is None:
@@ -34,6 +34,7 @@ class DataLoader:
             from nanochat.tokenizer import get_tokenizer
             tokenizer = get_tokenizer()
         self.B, self.T, self.split = B, T, split
+        self.data_dir = data_dir  # the shards to read; None: dataset.get_data_dir()
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
         self.device = torch.device(device)
@@ -52,7 +53,8 @@ class DataLoader:
 
     def _next_row_group(self):
         if self._row_groups is None:
-            self._row_groups = iter_row_groups(self.split, start=self.rank, step=self.world_size, resume=self.prev_pos)
+            self._row_groups = iter_row_groups(self.split, start=self.rank, step=self.world_size, resume=self.prev_pos,
+                                               data_dir=self.data_dir)
         try:
             docs, pos = next(self._row_groups)
         except StopIteration:

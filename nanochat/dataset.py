@@ -2,7 +2,8 @@
 Pretraining data: parquet shards with one `text` column, one document per row (the layout of FineWeb-edu-100B
 shuffled). Sorted by name, the last shard is the validation split and all others are the training split.
 
-Two sources of shards:
+Three sources of shards:
+- the user's own files (--data), prepared into $BASE/user_data/<content hash> by nanochat/userdata.py
 - the real one: FineWeb-edu shards downloaded into $BASE/base_data with `python -m nanochat.dataset -n 240 -w 4`
 - the embedded default corpus: public-domain books shipped in data/corpus/*.txt.gz (see data/SOURCES.md),
   turned into shards in $BASE/embedded_data on first use, so everything runs offline out of the box.
@@ -153,13 +154,14 @@ class MissingShardsError(DataError, FileNotFoundError):
     """Fewer than two shards: no training split and validation split."""
 
 
-def split_files(split):
-    """The shards of a split: the last shard by name is the validation split, all others the training split.
+def split_files(split, data_dir=None):
+    """The shards of a split in data_dir (default: get_data_dir()): the last shard by name is the validation split,
+    all others the training split.
     Broken shards stay in these lists (and so keep their indices, which resume positions refer to): they are
     skipped while reading, so a broken last shard never turns a training shard into validation data."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
-    data_dir = get_data_dir()
+    data_dir = data_dir or get_data_dir()
     files = list_parquet_files(data_dir)
     if len(files) < 2:
         raise MissingShardsError(
@@ -216,15 +218,16 @@ def read_row_group_docs(pf, path, rg_idx):
     return docs
 
 
-def iter_row_groups(split, start=0, step=1, resume=None):
+def iter_row_groups(split, start=0, step=1, resume=None, data_dir=None):
     """One pass over a split, yielding (docs, (shard_idx, rg_idx)) per row group.
     Rank r of w passes start=r, step=w: inside every shard it reads row groups r, r+w, r+2w, ...
     resume=(shard_idx, rg_idx), the position of the last row group consumed, continues just after it.
+    data_dir: the shards to read (default: get_data_dir(); the user's own with --data).
     Unusable shards and row groups without text are skipped with a warning; a whole pass without any usable row
     group is a DataError (a loader looping over epochs would otherwise spin forever)."""
     if step < 1 or not 0 <= start < step:
         raise ValueError(f"need step >= 1 and 0 <= start < step, got start={start}, step={step}")
-    files = split_files(split)
+    files = split_files(split, data_dir)
     resume = tuple(resume) if resume is not None else None  # may come back from JSON as a list
     yielded, skipped, textless = False, [], set()
     for shard_idx, path in enumerate(files):
@@ -266,9 +269,9 @@ def _nothing_usable_message(split, files, skipped, textless, start, step):
     return msg
 
 
-def parquets_iter_batched(split, start=0, step=1):
+def parquets_iter_batched(split, start=0, step=1, data_dir=None):
     """One pass over a split, yielding the documents (list[str]) of one row group at a time."""
-    for docs, _ in iter_row_groups(split, start=start, step=step):
+    for docs, _ in iter_row_groups(split, start=start, step=step, data_dir=data_dir):
         yield docs
 
 

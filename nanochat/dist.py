@@ -123,6 +123,25 @@ def compute_init(device_type=None, seed=42):
     return ddp, rank, local_rank, world_size, device
 
 
+def on_rank0(fn):
+    """fn() on rank 0 alone, its result handed to every rank, so that one process prepares data while the others
+    wait; a UserError on rank 0 is raised on every rank (as a UserError with the same message). Outside torchrun,
+    fn()."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise UserError(value)
+    return value
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -11,23 +11,93 @@ checkpoint (nanochat/start.py); the loop, checkpoints, resume and DDP are the tr
 
 import dataclasses
 import math
+import os
 import random
 
 from nanochat.dataloader import PackedConversationLoader, PaddedConversationLoader
-from nanochat.dist import compute_init
-from nanochat.log import UserError, print0
+from nanochat.dist import compute_init, on_rank0
+from nanochat.log import UserError, print0, progress
 from nanochat.loss_eval import evaluate_loss
 from nanochat.plan import batch_plan
 from nanochat.report import get_report
 from nanochat.start import start_finetune
 from nanochat.trainer import LoaderBatches, Stage, train
 from tasks import mixtures
+from tasks.common import TaskMixture
+from tasks.userchat import UserConversations, data_record, parse_spec, prepare_conversations
 
 STAGES = {
     "mid": dict(script="mid_train", mixture=mixtures.mid_mixture, loader=PackedConversationLoader,
                 section="Midtraining"),
     "sft": dict(script="chat_sft", mixture=mixtures.sft_mixture, loader=PaddedConversationLoader, section="Chat SFT"),
 }
+
+
+def chat_tasks(config, spec, tokenizer, row_tokens):
+    """(training task, {metric: held-out task}, records of --data). Without --data the built-in mixture and its
+    held-out split (val_loss). With --data (tasks/userchat.py) the user's conversations, each file's seen WEIGHT times
+    per epoch, replace the mixture (--mix=replace) or join it (--mix=add); val_loss is then the loss on the user's
+    held-out conversations, and with add mixture_val_loss the built-in one."""
+
+    def builtin(split):
+        return spec["mixture"](split, source=config.chat_data, seed=config.seed)
+
+    if not config.data:
+        return builtin("train"), {"val_loss": builtin("val")}, []
+    specs = [parse_spec(item) for item in config.data]
+    prepared = on_rank0(lambda: [prepare_conversations(path, config.val_fraction, config.skip_bad_lines)
+                                 for path, _ in specs])
+    train, val, records = [], [], []
+    for (path, weight), (directory, manifest) in zip(specs, prepared):
+        name = os.path.basename(path.rstrip("/"))
+        own = UserConversations(directory, manifest, "train", name)
+        train += [own] * weight
+        val.append(UserConversations(directory, manifest, "val", name))
+        records.append(data_record(path, directory, manifest, weight))
+        count_truncated(records[-1], own, tokenizer, row_tokens)
+    held_out = {"val_loss": val[0] if len(val) == 1 else TaskMixture(val, seed=config.seed)}
+    if config.mix == "add":
+        mixture = builtin("train")
+        train = list(getattr(mixture, "tasks", [mixture])) + train
+        held_out["mixture_val_loss"] = builtin("val")
+    return TaskMixture(train, seed=config.seed), held_out, records
+
+
+def count_truncated(record, task, tokenizer, row_tokens):
+    """How many training conversations of a --data file are longer than a row: the loaders keep their first
+    row_tokens tokens (the end of a long answer is not learned). Counted into its record, and printed."""
+    n = len(task)
+    rows = progress(range(n), desc="measuring", total=n, unit="conv") if n > 20_000 else range(n)
+    record["truncated"] = sum(len(tokenizer.render_conversation(task[i], max_tokens=None)[0]) > row_tokens
+                              for i in rows)
+    if record["truncated"]:
+        print0(f"{record['path']}: {record['truncated']:,} of {n:,} training conversations are longer than a row of "
+               f"{row_tokens:,} tokens and are truncated to it ({100 * record['truncated'] / n:.1f}%)")
+
+
+def check_same_data(resume, records):
+    """--resume continues on the conversations the run started on: its position means nothing in others."""
+    had = [(r["path"], r["key"], r["weight"]) for r in resume.meta.get("own_data") or []] if resume else None
+    now = [(r["path"], r["key"], r["weight"]) for r in records]
+    if resume and had != now:
+        raise UserError(f"--resume: this run started on --data {[h[0] for h in had] or 'none'} (content hashes "
+                        f"{[h[1][:16] for h in had]}), it is now given {[n[0] for n in now] or 'none'} (content "
+                        f"hashes {[n[1][:16] for n in now]}): resume with the same files, or start without --resume")
+
+
+def own_report_lines(records):
+    """--data in the run report: each --data's path, weight, content hash and counts, and each of its files' name,
+    sha256 and conversations."""
+    if not records:
+        return {}
+    return {"data": " | ".join(
+        f"{r['path']} (x{r['weight']}, {r['conversations']:,} conversations: {r['train_conversations']:,} train, "
+        f"{r['val_conversations']:,} held out, {r['truncated']:,} truncated"
+        + (f", {r['bad_lines_skipped']:,} bad lines skipped" if r["bad_lines_skipped"] else "") + ")"
+        for r in records),
+        "data_hash": " | ".join(r["key"][:16] for r in records),
+        "data_files": " | ".join("; ".join(f"{f['name']} (sha256 {f['sha256'][:12]}, {f['conversations']:,} "
+                                           f"conversations)" for f in r["files"][:20]) for r in records)}
 
 
 def epoch_tokens(task, tokenizer, row_tokens, sample=2000):
@@ -58,8 +128,8 @@ def finetune(config, stage):
     model, tokenizer, lineage, resume, config = start_finetune(config, stage, device)
     config = dataclasses.replace(config, max_seq_len=config.max_seq_len or model.config.sequence_len)
     B, T = config.device_batch_size, config.max_seq_len
-    train_task = spec["mixture"]("train", source=config.chat_data, seed=config.seed)
-    val_task = spec["mixture"]("val", source=config.chat_data, seed=config.seed)
+    train_task, held_out, records = chat_tasks(config, spec, tokenizer, T + 1)
+    check_same_data(resume, records)
     print0(f"{stage} data: {mixtures.describe(train_task)}")
     grad_accum, tokens_per_step, per_epoch, unit, note = step_plan(config, stage, train_task, tokenizer, device.type,
                                                                    world_size)
@@ -73,16 +143,19 @@ def finetune(config, stage):
     eval_steps = config.eval_steps or (100 if device.type == "cuda" else 16)
 
     def evaluate(model, step):
-        loss = evaluate_loss(model, spec["loader"](val_task, tokenizer, B, T, device=device), eval_steps)
-        print0(f"step {step:05d} | held-out loss {loss:.4f}")
-        return {"val_loss": loss}
+        results = {}
+        for metric, task in held_out.items():  # a small held-out set is read once, not over and over
+            steps = min(eval_steps, math.ceil(len(task) / (B * world_size)))
+            results[metric] = evaluate_loss(model, spec["loader"](task, tokenizer, B, T, device=device), steps)
+            print0(f"step {step:05d} | {'held-out loss' if metric == 'val_loss' else metric} {results[metric]:.4f}")
+        return results
 
     meta = {"train_args": dataclasses.asdict(config), "tokenizer_hash": tokenizer.hash, "lineage": lineage,
-            "chat_data": mixtures.describe(train_task)}
+            "chat_data": mixtures.describe(train_task), "own_data": records}
     batches = LoaderBatches(spec["loader"](train_task, tokenizer, B, T, device=device), grad_accum)
     results = train(config, model, Stage(stage, spec["script"], config.model_tag, num_iterations, batches, meta,
                                          evaluate, compile_dynamic=stage == "sft", tokens_per_step=tokens_per_step),
                     resume)
     get_report().log(section=spec["section"], data=[{"model_tag": config.model_tag}, {"mixture": meta["chat_data"]},
-                                                    dataclasses.asdict(config), results])
+                                                    own_report_lines(records), dataclasses.asdict(config), results])
     return results

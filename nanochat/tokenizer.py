@@ -41,6 +41,7 @@ SPLIT_PATTERN = (
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
+TRAINED_ON_FILE = "trained_on.json"  # which data the tokenizer was trained on: {"hash", "data": {path, key} | None}
 FORMAT_VERSION = 1
 
 
@@ -313,6 +314,17 @@ def get_tokenizer():
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
 
 
+def trained_on():
+    """What the tokenizer in $NANOCHAT_BASE_DIR/tokenizer was trained on: {"path", "key"} of the user's data, None for
+    the default shards, or "unknown" (trained before this was recorded, or imported)."""
+    try:
+        with open(os.path.join(get_base_dir(), "tokenizer", TRAINED_ON_FILE)) as f:
+            note = json.load(f)
+    except (OSError, ValueError):
+        return "unknown"
+    return note.get("data") if note.get("hash") == get_tokenizer().hash else "unknown"
+
+
 def get_token_bytes(device="cpu", vocab_size=None):
     """(vocab,) int64 byte length per token id (0 for special tokens), saved beside the tokenizer. A file that is
     not such a tensor (of vocab_size entries, when given) is a TokenizerError."""
@@ -342,11 +354,12 @@ def get_token_bytes(device="cpu", vocab_size=None):
 # Training on the training split
 
 
-def text_iterator(max_chars, doc_cap):
+def text_iterator(max_chars, doc_cap, data_dir=None):
     """Training documents, each cropped to doc_cap characters (a few huge documents must not dominate the pair
-    counts), until max_chars characters in total or the end of the training split."""
+    counts), until max_chars characters in total or the end of the training split (of data_dir's shards; default:
+    dataset.get_data_dir())."""
     nchars = 0
-    for docs in parquets_iter_batched("train"):
+    for docs in parquets_iter_batched("train", data_dir=data_dir):
         for doc in docs:
             doc = doc[:doc_cap]
             nchars += len(doc)
@@ -355,14 +368,16 @@ def text_iterator(max_chars, doc_cap):
                 return
 
 
-def train_tokenizer(vocab_size=65536, max_chars=2_000_000_000, doc_cap=10_000, tokenizer_dir=None):
-    """Train on the training split, save to tokenizer_dir (default $NANOCHAT_BASE_DIR/tokenizer), print a summary."""
+def train_tokenizer(vocab_size=65536, max_chars=2_000_000_000, doc_cap=10_000, tokenizer_dir=None, data_dir=None,
+                    data=None):
+    """Train on the training split (of data_dir's shards), save to tokenizer_dir (default
+    $NANOCHAT_BASE_DIR/tokenizer) with a note of the data (`data`: the user's, see trained_on), print a summary."""
     tokenizer_dir = tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
     stats = {"chars": 0, "docs": 0}
 
     def counted():  # the bar counts characters read, up to max_chars; the merges that follow are not counted
         with progress(desc="tokenizer text", total=max_chars, unit="char", unit_scale=True) as bar:
-            for doc in text_iterator(max_chars, doc_cap):
+            for doc in text_iterator(max_chars, doc_cap, data_dir):
                 stats["chars"] += len(doc)
                 stats["docs"] += 1
                 bar.update(min(len(doc), max_chars - bar.n))  # the last document may pass max_chars
@@ -372,6 +387,8 @@ def train_tokenizer(vocab_size=65536, max_chars=2_000_000_000, doc_cap=10_000, t
     tokenizer = RustBPETokenizer.train_from_iterator(counted(), vocab_size)
     train_time = time.time() - t0
     tokenizer.save(tokenizer_dir)
+    note = {"hash": tokenizer.hash, "data": data}  # data None: the default shards (downloaded or embedded)
+    atomic_write_bytes(os.path.join(tokenizer_dir, TRAINED_ON_FILE), json.dumps(note, indent=1).encode())
 
     token_bytes = tokenizer.token_bytes()
     ordinary = token_bytes[token_bytes > 0].float()

@@ -3,6 +3,7 @@ Benchmarks, one subcommand each. Every one prints a table and writes bench_resul
 
     python -m scripts.bench params    # parameter counts by group and FLOPs/token of every registered type and preset
     python -m scripts.bench data      # tokenizer training time, dataloader tok/s (--with_model: vs d4 gpt)
+    python -m scripts.bench data --data=my_texts/   # ... on your own text, after timing its preparation (MB/s)
     python -m scripts.bench train     # tok/s of forward+backward and of a full optimizer step, vs transformers
     python -m scripts.bench decode    # Engine prefill and per-token time at batch 1 and 8, vs transformers generate
     python -m scripts.bench infer     # the same on a checkpoint, batch-size sweep (CUDA: bandwidth, compute, memory)

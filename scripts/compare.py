@@ -7,6 +7,7 @@ data order and token budget for all), then write a side-by-side report: $NANOCHA
     python -m scripts.compare --model_tags gpt_d4 alcoholic_d4    # only tabulate existing checkpoints
     python -m scripts.compare --model_tags 'cmp_*_d4*' 'cmp_*_d6*'  # ... runs of several comparisons, seeds grouped
     python -m scripts.compare                                     # every base checkpoint
+    python -m scripts.compare --model_types gpt alcoholic --depth 4 --data=my_texts/   # on your own text
 
 Runs are tagged {prefix}_{type}_d{depth}[_pm|_fm]_s{seed} (e.g. cmp_gpt_d4_s1); a run whose checkpoint is complete
 is reused (its training flags must be the ones asked for), one that was cut short resumes, and only the evaluations
@@ -19,7 +20,7 @@ estimate_flops(). See nanochat/compare/.
 """
 
 from nanochat.cli import parse, run_cli
-from nanochat.compare.runs import refuse_own_flags
+from nanochat.compare.runs import absolute_data_paths, refuse_own_flags
 from nanochat.compare.study import study, tabulate
 from nanochat.config import BaseTrainConfig, CompareConfig
 from nanochat.log import UserError
@@ -33,6 +34,7 @@ def main(argv=None):
         result = tabulate(config)
     else:
         refuse_own_flags(rest)
+        rest = absolute_data_paths(rest)  # the runs start in the repository: a relative --data would move
         train = parse(BaseTrainConfig, rest, prog="compare.py (base_train flags)")
         result = study(config, train, rest)
     if result is None:

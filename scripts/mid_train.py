@@ -3,6 +3,7 @@ Mid-training: continue a base model on the conversation mixture, whole conversat
 before SFT (nanochat/finetune.py).
     python -m scripts.mid_train --model_tag=alcoholic_d4    # base -> mid_checkpoints/alcoholic_d4
     torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --model_tag=gpt_d20
+    python -m scripts.mid_train --model_tag=gpt_d4 --data=my_chats.jsonl     # your conversations (tasks/userchat.py)
 """
 
 from nanochat.cli import parse, run_cli

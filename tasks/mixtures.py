@@ -25,6 +25,7 @@ from tasks.mcpractice import MCPractice
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tasks.userchat import UserConversations
 
 SOURCES = ("auto", "hub", "embedded")
 # what each stage's hub mixture trains on: name -> alternative (repo, config, split) locations
@@ -163,6 +164,8 @@ def component_name(task):
     name = type(task).__name__
     if isinstance(task, CustomJSON):
         return f"{name}({os.path.basename(task.filepath)})"
+    if isinstance(task, UserConversations):  # a --data file
+        return f"{name}({task.name}, {task.split})"
     details = [str(getattr(task, attr)) for attr in ("subset", "split") if hasattr(task, attr)]
     if isinstance(task, MCPractice):
         details.insert(0, "+".join(task.datasets))

@@ -31,6 +31,21 @@ def test_params_lists_every_preset(tmp_path):
     assert all(data[f"{t} d2"]["total"] > 0 and data[f"{t} d2"]["flops"] > 0 for t in MODEL_TYPES)
 
 
+def test_data_times_the_preparation_of_own_text(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))  # bench data leaves it untouched
+    text = tmp_path / "own.txt"
+    text.write_text("\n\n\n".join(f"document {i}: " + "the river and the stone " * (5 + i % 7) for i in range(400)))
+    bench.main(["data", f"--data={text}", "--seconds=0.05", f"--out={tmp_path}"])
+    data = read(tmp_path, "data")
+    prepare = data["prepare"]
+    assert prepare["bytes"] == text.stat().st_size and prepare["documents"] == 400
+    assert prepare["mb_per_s"] == pytest.approx(prepare["bytes"] / prepare["seconds"] / 1e6)
+    assert prepare["tok_per_s_4096"] > prepare["mb_per_s"] * 1e6 / 8  # tokens of at most 8 bytes on average
+    assert len(data["loader_tok_s"]) == 4 and all(row["vocab_4096"] > 0 for row in data["loader_tok_s"])
+    assert "prepared again (unchanged: hashing only)" in capsys.readouterr().out
+    assert not (tmp_path / "base").exists()
+
+
 def test_train_compares_with_the_transformers_twin(tmp_path):
     pytest.importorskip("transformers")
     bench.main(["train", *TINY, "--seq_len=16", "--batch_size=2", "--profile", f"--out={tmp_path}"])

@@ -66,6 +66,18 @@ def refuse_own_flags(rest):
                         f"--seeds, --num_iterations or --tag_prefix instead")
 
 
+def absolute_data_paths(rest):
+    """The base_train flags with --data made absolute: each run is a subprocess started in the repository."""
+    rest, out = normalize_argv(rest), []
+    for i, arg in enumerate(rest):
+        if arg.startswith("--data="):
+            arg = "--data=" + os.path.abspath(arg[len("--data="):])
+        elif i > 0 and rest[i - 1] == "--data":
+            arg = os.path.abspath(arg)
+        out.append(arg)
+    return out
+
+
 def measure(model_type, depth, train, vocab_size, key, **extra):
     """Params ("total") or FLOPs per token ("flops") of a meta-device model: nothing is allocated."""
     overrides = dict(overrides_for(model_type, train.model), **extra)

@@ -112,7 +112,7 @@ def study(config, train, rest):
     unknown = [t for t in config.chat_eval_tasks if t not in TASKS]
     if unknown:
         raise UserError(f"--chat_tasks: unknown task {unknown[0]!r}; valid: {'|'.join(TASKS)}")
-    vocab_size = ensure_data_and_tokenizer(0).get_vocab_size()
+    vocab_size = ensure_data_and_tokenizer(train, 0)[0].get_vocab_size()
     arms = plan_arms(config, train, vocab_size)
     print_plan(arms, config, train, vocab_size)
     if config.dry_run:

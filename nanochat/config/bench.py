@@ -74,6 +74,8 @@ class DataConfig(BenchConfig):
     seconds: float = flag(2.0, "time per dataloader measurement", POSITIVE)
     tokenizer_threads: int = flag(4, "threads for batched tokenization", POSITIVE_INT)
     with_model: bool = flag(False, "also time a d4 gpt forward+backward (fp32, CPU)")
+    data: str | None = flag(None, "your own text (as base_train --data): time its preparation (MB/s, in a temp dir) "
+                            "and measure the tokenizers and the loader on it instead of the embedded corpus", PATH)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from nanochat.config.base import (
     model_types,
     validate,
 )
+from nanochat.config.data import VAL_FRACTION
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,13 @@ class BaseLossConfig(CheckpointConfig):
     device_batch_size: int = flag(8, "sequences per forward pass", POSITIVE_INT)
     split_tokens: int = flag(-1, "tokens evaluated per split (-1: 20*524288 on CUDA, 64 batches elsewhere)",
                              AUTO_OR_POSITIVE_INT)
+    data: str | None = flag(None, "score on this text of your own (see base_train --data; None: the data the "
+                            "checkpoint trained on, its held-out split as prepared then)")
+    text_field: str | None = flag(None, "with --data: the JSON field / parquet column of the text (None: the "
+                                  "checkpoint's, else 'text')")
+    val_fraction: float | None = flag(None, "with --data: the held-out fraction (None: the checkpoint's, else 0.01)",
+                                      VAL_FRACTION)
+    skip_bad_lines: bool | None = flag(None, "with --data: skip bad lines (None: as the checkpoint's training did)")
 
 
 @dataclass(frozen=True)

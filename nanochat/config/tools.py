@@ -17,11 +17,12 @@ from nanochat.config.base import (
     model_types,
     validate,
 )
+from nanochat.config.data import TextData
 from nanochat.config.evaluate import CheckpointConfig
 
 
 @dataclass(frozen=True)
-class TokTrainConfig:
+class TokTrainConfig(TextData):
     vocab_size: int = flag(65536, "vocabulary size including the special tokens", POSITIVE_INT)
     max_chars: int = flag(2_000_000_000, "train on at most this many characters (stops earlier if the corpus is "
                           "smaller)", COUNT)

@@ -24,6 +24,7 @@ from nanochat.config.base import (
     muon_variants,
     validate,
 )
+from nanochat.config.data import ChatData, TextData
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def inherit(config, source_config):
 
 
 @dataclass(frozen=True)
-class BaseTrainConfig(TrainConfig):
+class BaseTrainConfig(TrainConfig, TextData):
     model_type: str = flag("gpt", "architecture (python -m scripts.bench params lists them)")
     depth: int = flag(20, "number of layers; width = 64 * depth", POSITIVE_INT)
     max_seq_len: int = flag(2048, "context length", SEQUENCE_LEN)
@@ -148,7 +149,7 @@ class FinetuneConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
-class MidConfig(FinetuneConfig):
+class MidConfig(FinetuneConfig, ChatData):
     total_batch_size: int = flag(-1, "tokens per optimizer step (-1: 524288 on CUDA, one micro-batch elsewhere)",
                                  AUTO_OR_POSITIVE_INT)
     init_lr_frac: float = flag(1.0, "every learning rate is multiplied by this at the start", NON_NEGATIVE)
@@ -157,7 +158,7 @@ class MidConfig(FinetuneConfig):
 
 
 @dataclass(frozen=True)
-class SFTConfig(FinetuneConfig):
+class SFTConfig(FinetuneConfig, ChatData):
     examples_per_step: int | None = flag(None, "conversations per optimizer step (default: 32 on CUDA, one "
                                          "micro-batch elsewhere)", POSITIVE_INT)
     init_lr_frac: float = flag(0.02, "every learning rate is multiplied by this at the start", NON_NEGATIVE)
