@@ -22,7 +22,7 @@ import tiktoken
 import torch
 
 from nanochat.dataset import parquets_iter_batched
-from nanochat.fileio import atomic_write_bytes, get_base_dir, open_regular, read_json
+from nanochat.fileio import FileError, atomic_write_bytes, get_base_dir, open_regular, read_json
 from nanochat.log import UserError, one_line, print0, progress
 
 SPECIAL_TOKENS = [
@@ -318,9 +318,8 @@ def trained_on():
     """What the tokenizer in $NANOCHAT_BASE_DIR/tokenizer was trained on: {"path", "key"} of the user's data, None for
     the default shards, or "unknown" (trained before this was recorded, or imported)."""
     try:
-        with open(os.path.join(get_base_dir(), "tokenizer", TRAINED_ON_FILE)) as f:
-            note = json.load(f)
-    except (OSError, ValueError):
+        note = read_json(os.path.join(get_base_dir(), "tokenizer", TRAINED_ON_FILE))
+    except FileError:
         return "unknown"
     return note.get("data") if note.get("hash") == get_tokenizer().hash else "unknown"
 

@@ -20,6 +20,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat.fileio import check_regular
 from nanochat.log import one_line, print0
 from nanochat.userfiles import (
     BadInput,
@@ -97,6 +98,7 @@ def parquet_documents(path, name, bad, field, staging, on_progress, record):
             for chunk in byte_chunks(path, name, on_progress):
                 f.write(chunk)
         path, on_progress = plain, None
+    path = check_regular(path, error=BadInput)
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:

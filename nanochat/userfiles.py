@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from nanochat.dataset import DataError
-from nanochat.fileio import atomic_write_bytes, get_base_dir, pid_alive
+from nanochat.fileio import FileError, atomic_write_bytes, get_base_dir, open_regular, pid_alive, read_json
 from nanochat.log import one_line, print0, progress
 
 COMPRESSIONS = (".gz", ".zst")
@@ -88,7 +88,7 @@ def find_files(path, suffixes):
 
 def open_raw(path):
     """(the decompressed byte stream, the file underneath: its position is the progress)."""
-    raw = open(path, "rb")
+    raw = open_regular(path, "rb", error=BadInput)
     compression = split_name(path)[1]
     if compression == ".gz":
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
@@ -218,7 +218,7 @@ def content_key(files, settings):
         for name, full in files:
             h = hashlib.sha256()
             try:
-                with open(full, "rb") as f:
+                with open_regular(full, "rb", error=BadInput) as f:
                     while chunk := f.read(CHUNK_BYTES):
                         h.update(chunk)
                         bar.update(len(chunk))
@@ -305,7 +305,7 @@ class SplitWriter:
         path = self._bucket_path(split, i)
         if not os.path.exists(path):
             return []
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, "r", encoding="utf-8") as f:  # our own staging file
             rows = [json.loads(line) for line in f]
         os.remove(path)
         if drop is not None and drop in rows:
@@ -387,9 +387,8 @@ def split_summary(records, unit):
 
 def read_manifest(directory):
     try:
-        with open(os.path.join(directory, MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_json(os.path.join(directory, MANIFEST))
+    except FileError:  # absent (not prepared yet) or damaged: prepared again
         return None
 
 
